@@ -1,0 +1,221 @@
+"""The one home for geometry: a volume's grid, world coordinates, and resampling between grids.
+
+Conventions used everywhere in LiquidReg (and nowhere redefined):
+
+* Arrays are indexed ``[i, j, k]`` (nibabel order, *not* SimpleITK's ``[k, j, i]``).
+* A :class:`Grid` is the array shape plus the 4x4 voxel(ijk) -> RAS millimetre matrix.
+* Torch volumes are ``(N, C, I, J, K)``; ``grid_sample`` wants its last-axis coordinates in
+  ``(k, j, i)`` order, normalised with ``align_corners=True`` (voxel centre 0 -> -1, n-1 -> +1).
+* A displacement field lives on the *fixed* grid, holds RAS mm vectors and maps each fixed point
+  ``x`` to the moving point ``x + u(x)`` (the resampling direction).
+* RAS <-> LPS happens only through :data:`LPS_FLIP` in this module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: Diagonal that maps LPS to RAS and back (its own inverse).
+LPS_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class GeometryError(ValueError):
+    """A volume's geometry cannot be used (degenerate matrix, wrong dimensionality, ...)."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Shape plus voxel -> RAS (mm) matrix: everything needed to place an array in the world."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray  # 4x4 float64, voxel (i, j, k, 1) -> RAS (x, y, z, 1)
+
+    def __post_init__(self):
+        shape = tuple(int(s) for s in self.shape)
+        affine = np.array(self.affine, dtype=np.float64)
+        if len(shape) != 3:
+            raise GeometryError(f"a grid needs 3 dimensions, got shape {shape}")
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise GeometryError("voxel-to-RAS matrix must be a finite 4x4 matrix")
+        if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+            raise GeometryError("voxel-to-RAS matrix is singular (zero spacing or collinear axes)")
+        affine[3] = (0.0, 0.0, 0.0, 1.0)
+        affine.setflags(write=False)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "affine", affine)
+
+    # ---- description ------------------------------------------------------------------------
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    @property
+    def direction(self) -> np.ndarray:
+        """Unit column vectors of the i, j, k axes in RAS."""
+        return self.affine[:3, :3] / self.spacing
+
+    @property
+    def origin(self) -> np.ndarray:
+        """RAS position of voxel (0, 0, 0)."""
+        return self.affine[:3, 3].copy()
+
+    @property
+    def inverse(self) -> np.ndarray:
+        return np.linalg.inv(self.affine)
+
+    @property
+    def center(self) -> np.ndarray:
+        return self.voxel_to_ras((np.array(self.shape) - 1) / 2.0)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Grid) and self.shape == other.shape
+                and np.allclose(self.affine, other.affine, atol=1e-6))
+
+    def __hash__(self):
+        return hash(self.shape)
+
+    def __repr__(self) -> str:
+        sp = ", ".join(f"{s:.3g}" for s in self.spacing)
+        return f"Grid(shape={self.shape}, spacing=({sp}) mm, orientation={self.orientation})"
+
+    @property
+    def orientation(self) -> str:
+        """Three-letter code of the anatomical direction each array axis increases towards."""
+        letters = (("L", "R"), ("P", "A"), ("I", "S"))
+        code = ""
+        for col in self.direction.T:
+            axis = int(np.argmax(np.abs(col)))
+            code += letters[axis][int(col[axis] > 0)]
+        return code
+
+    # ---- point maps -----------------------------------------------------------------------
+    def voxel_to_ras(self, ijk) -> np.ndarray:
+        ijk = np.asarray(ijk, dtype=np.float64)
+        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def ras_to_voxel(self, ras) -> np.ndarray:
+        inv = self.inverse
+        ras = np.asarray(ras, dtype=np.float64)
+        return ras @ inv[:3, :3].T + inv[:3, 3]
+
+    def ras_coordinates(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """RAS position of every voxel, shape (I, J, K, 3)."""
+        return voxel_to_world(identity_voxels(self.shape, device, torch.float64),
+                              self.affine).to(dtype)
+
+    def corners_ras(self) -> np.ndarray:
+        n = np.array(self.shape) - 1
+        corners = np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])])
+        return self.voxel_to_ras(corners)
+
+    # ---- ITK (LPS) boundary: the only place RAS and LPS meet -------------------------------
+    @classmethod
+    def from_itk(cls, size_xyz: Sequence[int], spacing, origin_lps, direction_lps) -> "Grid":
+        """Build from ITK's (size, spacing, origin, direction) in LPS; array index order i=x."""
+        direction = np.asarray(direction_lps, dtype=np.float64).reshape(3, 3)
+        m = np.eye(4)
+        m[:3, :3] = direction * np.asarray(spacing, dtype=np.float64)
+        m[:3, 3] = np.asarray(origin_lps, dtype=np.float64)
+        return cls(tuple(int(s) for s in size_xyz), LPS_FLIP @ m)
+
+    def to_itk(self) -> dict:
+        """ITK geometry (LPS): size, spacing, origin and row-major flattened direction."""
+        m = LPS_FLIP @ self.affine
+        spacing = np.linalg.norm(m[:3, :3], axis=0)
+        return {"size": list(self.shape), "spacing": spacing.tolist(),
+                "origin": m[:3, 3].tolist(), "direction": (m[:3, :3] / spacing).ravel().tolist()}
+
+    # ---- derived grids -------------------------------------------------------------------
+    def canonical_working_grid(self, spacing_mm: float, multiple: int = 8,
+                               max_size: int = 160) -> "Grid":
+        """An isotropic RAS-ordered grid covering this grid's field of view.
+
+        The network always sees the brain in (roughly) RAS axis order whatever the file's
+        orientation, which is what it was trained on.  The size is a multiple of ``multiple`` so the
+        feature pyramid divides evenly, and spacing grows if the field of view would exceed
+        ``max_size`` voxels along any axis.
+        """
+        corners = self.corners_ras()
+        # Closest permutation/flip of this grid's axes to R, A, S.
+        direction = self.direction
+        perm = np.argmax(np.abs(direction), axis=1)  # for each RAS axis, the array axis nearest
+        if len(set(perm.tolist())) != 3:  # strongly oblique: fall back to a pure RAS frame
+            rot = np.eye(3)
+        else:
+            rot = direction[:, perm] * np.sign(direction[np.arange(3), perm])
+        # Extent of the field of view (voxel centres +- half a voxel) in the rotated frame.
+        local = corners @ rot
+        half = 0.5 * np.abs(rot.T @ self.affine[:3, :3]).sum(axis=1)
+        lo, hi = local.min(0) - half, local.max(0) + half
+        extent = hi - lo
+        spacing = max(float(spacing_mm), float(extent.max()) / max_size)
+        shape = np.maximum(multiple, np.ceil(extent / spacing / multiple) * multiple).astype(int)
+        centre_local = (lo + hi) / 2
+        m = np.eye(4)
+        m[:3, :3] = rot * spacing
+        m[:3, 3] = rot @ centre_local - m[:3, :3] @ ((shape - 1) / 2.0)
+        return Grid(tuple(shape.tolist()), m)
+
+
+# ---- coordinate helpers shared by the engine --------------------------------------------------
+def identity_voxels(shape, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Voxel index of every voxel, shape (I, J, K, 3)."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
+def voxel_to_world(points: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+    """Apply a 4x4 matrix to (..., 3) points."""
+    m = torch.as_tensor(affine, dtype=points.dtype, device=points.device)
+    return points @ m[:3, :3].T + m[:3, 3]
+
+
+def voxel_to_normalized(points: torch.Tensor, shape) -> torch.Tensor:
+    """Voxel (i, j, k) -> ``grid_sample`` coordinates (x=k, y=j, z=i) with align_corners=True."""
+    size = torch.as_tensor([max(n - 1, 1) for n in shape], dtype=points.dtype, device=points.device)
+    return (2.0 * points / size - 1.0).flip(-1)
+
+
+def sample(volume: torch.Tensor, voxel_points: torch.Tensor, mode: str = "bilinear",
+           padding_mode: str = "zeros") -> torch.Tensor:
+    """Sample an (N, C, I, J, K) volume at voxel positions (N, ..., 3) of that volume.
+
+    Points outside the volume get ``padding_mode`` ("zeros" for images: outside is background,
+    "border" for displacement fields); coordinates are never clamped.
+    """
+    grid = voxel_to_normalized(voxel_points, volume.shape[2:]).to(volume.dtype)
+    return F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def resample(array, source: Grid, target: Grid, *, world_map: np.ndarray | None = None,
+             displacement: torch.Tensor | None = None, order: str = "linear",
+             device=None) -> np.ndarray:
+    """Resample ``array`` (on ``source``) onto ``target`` through world coordinates.
+
+    Each target point ``x`` (RAS) is taken to ``x' = x + displacement(x)`` (displacement: RAS mm on
+    ``target``, shape (I, J, K, 3)) and then to ``world_map @ x'`` (4x4 RAS -> RAS), where the source
+    is read.  Both default to identity.  ``order`` is "linear" or "nearest" (labels keep their
+    integer values).  Outside the source's field of view the result is 0.
+    """
+    if order not in ("linear", "nearest"):
+        raise ValueError(f"interpolation must be 'linear' or 'nearest', not {order!r}")
+    src = torch.as_tensor(np.ascontiguousarray(array), device=device)
+    integer = not torch.is_floating_point(src)
+    vol = src.to(torch.float64 if integer else torch.float32)[None, None]
+    composite = (np.linalg.inv(source.affine) @
+                 (np.eye(4) if world_map is None else np.asarray(world_map, dtype=np.float64)))
+    if displacement is None:
+        pts = voxel_to_world(identity_voxels(target.shape, device, torch.float64),
+                             composite @ target.affine)
+    else:
+        ras = target.ras_coordinates(device, torch.float64) + displacement.to(device, torch.float64)
+        pts = voxel_to_world(ras, composite)
+    out = sample(vol, pts[None].to(vol.dtype), mode="nearest" if order == "nearest" else "bilinear")
+    out = out[0, 0]
+    if integer:
+        out = out.round()
+    return out.cpu().numpy().astype(np.asarray(array).dtype, copy=False)
