@@ -170,7 +170,7 @@ def identity_voxels(shape, device=None, dtype=torch.float32) -> torch.Tensor:
 
 def voxel_to_world(points: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
     """Apply a 4x4 matrix to (..., 3) points."""
-    m = torch.as_tensor(affine, dtype=points.dtype, device=points.device)
+    m = torch.tensor(np.asarray(affine), dtype=points.dtype, device=points.device)
     return points @ m[:3, :3].T + m[:3, 3]
 
 
