@@ -38,6 +38,7 @@ class ModelConfig:
     tau_min: float = 0.5
     velocity_scale: float = 1.0         # head output (voxels of its level) -> velocity
     squarings: int = 7
+    working_spacing: float = 2.0        # mm; the grid the network sees (see preprocess)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

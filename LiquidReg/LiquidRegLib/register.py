@@ -1,0 +1,197 @@
+"""The registration pipeline: affine -> network -> optional instance optimisation -> Result.
+
+The result is one representation: a displacement field in RAS mm on the fixed grid that maps each
+fixed point to its moving point, affine included.  Writers (``io`` for ITK/ANTs files, ``logic``
+for Slicer) convert it once, at their own boundary.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import checkpoint, diffeo, losses, train, validate
+from .errors import InputError
+from .grid import Grid, resample, sample
+from .preprocess import to_working, working_grid
+from .progress import check, report
+
+
+@dataclass
+class RegistrationResult:
+    fixed_grid: Grid
+    moving_grid: Grid
+    displacement: np.ndarray          # (I, J, K, 3) RAS mm on the fixed grid, fixed -> moving
+    inverse_displacement: np.ndarray  # (I', J', K', 3) RAS mm on the moving grid, moving -> fixed
+    jacobian: np.ndarray              # (I, J, K) det of d(phi)/dx on the fixed grid
+    warped: np.ndarray                # moving resampled on the fixed grid
+    affine: np.ndarray                # 4x4 RAS, fixed point -> moving point
+    summary: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" picks CUDA when available; asking for CUDA without one is a clear error."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was requested but no CUDA GPU is available to PyTorch; "
+                         "use --device cpu (or auto), or install a CUDA build of PyTorch")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def jacobian_statistics(jacobian) -> dict:
+    """Folding (% of voxels with J <= 0) and the spread of log J over the rest."""
+    j = torch.as_tensor(jacobian).double()
+    positive = j[j > 0]
+    return {"pct_folding": float((j <= 0).double().mean() * 100),
+            "std_log_jacobian": float(positive.log().std()) if positive.numel() > 1 else 0.0,
+            "jacobian_min": float(j.min()), "jacobian_max": float(j.max())}
+
+
+def _map_through(field_ras: torch.Tensor, working: Grid, points_ras: torch.Tensor) -> torch.Tensor:
+    """Read a (1, I, J, K, 3) RAS field on ``working`` at RAS points (..., 3), border-padded."""
+    vox = torch.as_tensor(working.ras_to_voxel(points_ras.double().cpu().numpy()),
+                          dtype=torch.float32, device=field_ras.device)
+    return sample(field_ras.permute(0, 4, 1, 2, 3), vox[None], padding_mode="border")[0].permute(1, 2, 3, 0)
+
+
+def _apply_world(points: torch.Tensor, matrix: np.ndarray) -> torch.Tensor:
+    m = torch.as_tensor(np.asarray(matrix, dtype=np.float64), dtype=points.dtype, device=points.device)
+    return points @ m[:3, :3].T + m[:3, 3]
+
+
+def _similarity(pair, moving=None) -> float:
+    return float(losses.local_ncc(pair.fixed, pair.moving if moving is None else moving, 7).mean())
+
+
+def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool = True,
+             initial_affine=None, fixed_mask=None, moving_mask=None, weights=None,
+             regularisation: float | None = None, progress=None, cancel=None) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` (``io.Volume``-like objects) and return the full mapping."""
+    timings, started = {}, time.perf_counter()
+
+    def lap(name, since):
+        timings[name] = round(time.perf_counter() - since, 3)
+        return time.perf_counter()
+
+    if int(iterations) < 0:
+        raise InputError(f"--iterations must be 0 (network only) or more, not {iterations}")
+    validate.check_image(fixed, "fixed")
+    validate.check_image(moving, "moving")
+    if fixed_mask is not None:
+        validate.check_mask(fixed_mask, fixed, "fixed mask")
+    if moving_mask is not None:
+        validate.check_mask(moving_mask, moving, "moving mask")
+    if initial_affine is not None:
+        initial_affine = np.asarray(initial_affine, dtype=np.float64)
+        if initial_affine.shape != (4, 4) or not np.isfinite(initial_affine).all():
+            raise InputError("the initial affine must be a finite 4x4 matrix (RAS, fixed -> moving)")
+    dev = resolve_device(device)
+    model, info = checkpoint.load_model(weights, dev)
+    t = lap("load", started)
+
+    if affine:
+        from .affine import affine_register
+        world_map = affine_register(fixed, moving, initial=initial_affine, fixed_mask=fixed_mask,
+                                    moving_mask=moving_mask, device=dev, progress=progress,
+                                    cancel=cancel)
+    else:
+        world_map = initial_affine if initial_affine is not None else np.eye(4)
+    validate.check_overlap(fixed, moving, world_map)
+    t = lap("affine", t)
+
+    try:
+        result_dev = dev
+        velocity, pair, wgrid, instance = _deformable(model, fixed, moving, world_map, dev,
+                                                      iterations, regularisation, fixed_mask,
+                                                      moving_mask, progress, cancel, timings)
+    except torch.cuda.OutOfMemoryError:
+        warnings.warn("CUDA ran out of memory; falling back to the CPU (slower, same result)")
+        torch.cuda.empty_cache()
+        result_dev = torch.device("cpu")
+        model.to(result_dev)
+        velocity, pair, wgrid, instance = _deformable(model, fixed, moving, world_map, result_dev,
+                                                      iterations, regularisation, fixed_mask,
+                                                      moving_mask, progress, cancel, timings)
+    t = time.perf_counter()
+    check(cancel)
+    report(progress, "resample", 0, 1, "bringing the mapping to full resolution")
+    with torch.no_grad():
+        out = _full_resolution(model, velocity, wgrid, world_map, fixed, moving, result_dev)
+        warped_w = diffeo.warp(pair.moving, model.displacement(velocity, wgrid.shape))
+        sim_after = _similarity(pair, warped_w)
+    report(progress, "resample", 1, 1)
+    lap("resample", t)
+    with torch.no_grad():
+        identity_pair = to_working(fixed, moving, np.eye(4), wgrid, device=result_dev)
+        sim_before = _similarity(identity_pair)
+    timings["total"] = round(time.perf_counter() - started, 3)
+    stats = jacobian_statistics(out["jacobian"])
+    summary = {
+        "device": str(result_dev),
+        "model": {k: info[k] for k in ("name", "version", "sha256", "path")},
+        "iterations": int(iterations),
+        "affine": bool(affine),
+        "working_grid": {"shape": list(wgrid.shape), "spacing_mm": float(wgrid.spacing[0])},
+        "timings_s": timings,
+        **stats,
+        "similarity": {"metric": "mean local NCC (7^3 window, working grid)",
+                       "before": sim_before, "after_affine": _similarity(pair),
+                       "after": sim_after},
+    }
+    if instance is not None:
+        summary["instance_optimisation"] = {"steps": instance.step, "skipped": instance.skipped,
+                                            "clipped": instance.clipped}
+    return RegistrationResult(fixed.grid, moving.grid, out["displacement"],
+                              out["inverse_displacement"], out["jacobian"], out["warped"],
+                              np.asarray(world_map, dtype=np.float64), summary)
+
+
+def _deformable(model, fixed, moving, world_map, dev, iterations, regularisation, fixed_mask,
+                moving_mask, progress, cancel, timings):
+    t = time.perf_counter()
+    cfg = model.config
+    wgrid = working_grid(fixed.grid, cfg.working_spacing, cfg.divisor)
+    pair = to_working(fixed, moving, world_map, wgrid, fixed_mask=fixed_mask,
+                      moving_mask=moving_mask, device=dev)
+    check(cancel)
+    report(progress, "network", 0, 1, "predicting the velocity field")
+    with torch.no_grad():
+        velocity = model(pair.fixed, pair.moving)
+    report(progress, "network", 1, 1)
+    timings["network"] = round(time.perf_counter() - t, 3)
+    instance = None
+    if iterations:
+        t = time.perf_counter()
+        smooth = 1.0 if regularisation is None else float(regularisation)
+        velocity, instance = train.instance_optimise(velocity, pair, int(iterations),
+                                                     squarings=cfg.squarings, smoothness=smooth,
+                                                     device=dev, progress=progress, cancel=cancel)
+        timings["instance_optimisation"] = round(time.perf_counter() - t, 3)
+    return velocity, pair, wgrid, instance
+
+
+def _full_resolution(model, velocity, wgrid: Grid, world_map, fixed, moving, dev) -> dict:
+    """Forward mapping, its Jacobian, the warped image and the inverse, at the input grids."""
+    forward_w = diffeo.voxel_to_ras_vectors(model.displacement(velocity, wgrid.shape), wgrid)
+    inverse_w = diffeo.voxel_to_ras_vectors(model.displacement(-velocity, wgrid.shape), wgrid)
+    # fixed x -> A (x + u(x))
+    x = fixed.grid.ras_coordinates(dev)
+    displacement = _apply_world(x + _map_through(forward_w, wgrid, x), world_map) - x
+    del x
+    jacobian = diffeo.jacobian_determinant_ras(displacement, fixed.grid)
+    warped = resample(moving.array, moving.grid, fixed.grid, displacement=displacement, device=dev)
+    # moving y -> z + u^-1(z), z = A^-1 y
+    y = moving.grid.ras_coordinates(dev)
+    z = _apply_world(y, np.linalg.inv(world_map))
+    inverse = z + _map_through(inverse_w, wgrid, z) - y
+    return {"displacement": displacement.cpu().numpy().astype(np.float32),
+            "inverse_displacement": inverse.cpu().numpy().astype(np.float32),
+            "jacobian": jacobian.cpu().numpy().astype(np.float32),
+            "warped": np.asarray(warped, dtype=np.float32)}

@@ -1,0 +1,277 @@
+"""The one stabilised optimisation loop, for its three users:
+
+* training the shipped network (``scripts/train.py``),
+* fine-tuning the network on a user's cohort or pair (``liquidreg finetune``, Slicer Fine-tune),
+* instance optimisation of one pair's velocity field (``register --iterations N``).
+
+The faults of the original training are fixed at the root, not clamped:
+
+* AMP is ``torch.amp`` (autocast + ``GradScaler("cuda")``) on CUDA, plain fp32 on CPU (bf16 on
+  request); gradients are unscaled before clipping.
+* Losses are computed in fp32 outside autocast; LNCC clamps *variances*, never its result.
+* Warps pad at the border / with zeros and never clamp sampling grids.
+* Gradient clipping at 1.0 is a logged safety net, not a crutch (lr 1e-4, velocity scale 1.0,
+  zero-initialised velocity heads).
+* A step whose loss or gradient is non-finite is skipped and counted, never applied; K in a row
+  stop the run with :class:`TrainingDiverged` and the last good weights kept.
+* Checkpoints (config, step, model, optimiser, scaler and RNG state) are written atomically;
+  batches are a pure function of (seed, step), so a resumed run repeats an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checkpoint, diffeo, losses
+from .errors import InputError, TrainingDiverged
+from .progress import CancelFn, ProgressFn, check, report
+
+
+# ---- configuration -------------------------------------------------------------------------
+@dataclass
+class LossWeights:
+    similarity: float = 1.0    # 1 - LNCC (same-contrast pairs); 0 for synthetic cross-contrast
+    dice: float = 1.0          # soft Dice of warped one-hot labels, when labels exist
+    smoothness: float = 1.0    # diffusion regulariser on the velocity field (voxels^2)
+    folding: float = 10.0      # hinge on J <= 0 of the displacement
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 1e-4
+    clip_norm: float = 1.0
+    amp: bool = True                 # autocast on CUDA (fp16 + GradScaler); ignored on CPU
+    cpu_bf16: bool = False           # optional bf16 autocast on CPU
+    max_consecutive_skips: int = 10
+    checkpoint_every: int = 50
+    lncc_window: int = 9
+    seed: int = 0
+    weights: LossWeights = field(default_factory=LossWeights)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["weights"] = LossWeights(**d.get("weights", {}))
+        return cls(**d)
+
+
+# ---- objective -----------------------------------------------------------------------------
+def one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """(N, 1, ...) int labels in 0..classes-1 -> (N, classes-1, ...) float, background dropped."""
+    return F.one_hot(labels[:, 0].long(), classes).permute(0, 4, 1, 2, 3)[:, 1:].float()
+
+
+def registration_loss(velocity: torch.Tensor, batch: dict, displace: Callable, weights: LossWeights,
+                      lncc_window: int = 9) -> tuple[torch.Tensor, dict]:
+    """Total loss and its terms for a velocity field (fp32, outside autocast).
+
+    ``batch`` holds ``fixed``/``moving`` (N, 1, I, J, K) and optionally ``fixed_labels``/
+    ``moving_labels`` (int, 0 = background, with ``num_labels``), ``fixed_mask``.
+    """
+    with torch.autocast(device_type=velocity.device.type, enabled=False):
+        velocity = velocity.float()
+        fixed, moving = batch["fixed"], batch["moving"]
+        disp = displace(velocity, fixed.shape[2:])
+        terms = {}
+        total = velocity.new_zeros(())
+        if weights.similarity:
+            warped = diffeo.warp(moving, disp)
+            terms["lncc"] = losses.lncc_loss(fixed, warped, lncc_window, batch.get("fixed_mask"))
+            total = total + weights.similarity * terms["lncc"]
+        if weights.dice and batch.get("fixed_labels") is not None:
+            k = int(batch["num_labels"])
+            warped_labels = diffeo.warp(one_hot(batch["moving_labels"], k), disp)
+            terms["dice"] = losses.dice_loss(one_hot(batch["fixed_labels"], k), warped_labels)
+            total = total + weights.dice * terms["dice"]
+        if weights.smoothness:
+            terms["smooth"] = losses.diffusion_loss(velocity)
+            total = total + weights.smoothness * terms["smooth"]
+        if weights.folding:
+            terms["fold"] = losses.folding_loss(diffeo.jacobian_determinant(disp))
+            total = total + weights.folding * terms["fold"]
+        return total, terms
+
+
+class InstanceVelocity(nn.Module):
+    """One pair's velocity field as the trainable, initialised from the network's prediction."""
+
+    def __init__(self, velocity: torch.Tensor, squarings: int = diffeo.MIN_SQUARINGS):
+        super().__init__()
+        self.velocity = nn.Parameter(velocity.detach().clone().float())
+        self.squarings = squarings
+
+    def forward(self, fixed=None, moving=None):
+        return self.velocity
+
+    def displacement(self, velocity, shape):
+        return diffeo.resize_field(diffeo.integrate_velocity(velocity, self.squarings), shape)
+
+
+# ---- distributed -----------------------------------------------------------------------------
+def distributed_setup() -> tuple[int, int]:
+    """Join the torchrun process group if launched by torchrun (NCCL on GPU, gloo on CPU)."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _all_finite(flag: bool, device) -> bool:
+    """True only if every replica saw finite values (so all replicas skip together)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
+# ---- the loop ------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    step: int = 0
+    skipped: int = 0
+    clipped: int = 0
+    history: list = field(default_factory=list)  # (step, loss, grad_norm) of applied steps
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+            "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"]))
+    random.setstate(eval(state["python"], {"__builtins__": {}}))  # repr of tuples of ints only
+
+
+def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: TrainConfig, *,
+        device="cpu", checkpoint_path=None, resume: bool = False,
+        progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
+        stage: str = "train", trainable_meta: Optional[dict] = None) -> RunState:
+    """Optimise ``trainable`` (a module with ``forward(fixed, moving) -> velocity`` and
+    ``displacement(velocity, shape)``) for ``config.steps`` steps.
+
+    ``batch_for_step(step)`` must be deterministic in ``step`` (resume relies on it).  On return
+    (or on :class:`TrainingDiverged` / ``Cancelled``) the trainable holds the last good weights.
+    """
+    device = torch.device(device)
+    trainable.to(device).train()
+    core = trainable
+    if dist.is_initialized():
+        trainable = nn.parallel.DistributedDataParallel(
+            core, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in core.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    use_fp16 = config.amp and device.type == "cuda"
+    use_bf16 = config.cpu_bf16 and device.type == "cpu"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
+    state = RunState()
+    if resume and checkpoint_path and Path(checkpoint_path).exists():
+        content, _ = checkpoint.load(checkpoint_path, kind="checkpoint")
+        core.load_state_dict(content["model"])
+        optimizer.load_state_dict(content["optimizer"])
+        scaler.load_state_dict(content["scaler"])
+        _set_rng_state(content["rng"])
+        state = RunState(**content["state"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    last_good = copy.deepcopy(core.state_dict())
+    consecutive = 0
+    started, first_step = time.time(), state.step
+
+    def save_checkpoint():
+        if checkpoint_path and rank == 0:
+            checkpoint.save(checkpoint_path, {
+                "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": _rng_state(), "state": asdict(state),
+                "train_config": config.to_dict(), "meta": dict(trainable_meta or {}),
+                "model_config": getattr(getattr(core, "config", None), "to_dict", dict)()},
+                kind="checkpoint")
+
+    while state.step < config.steps:
+        check(cancel)
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v)
+                 for k, v in batch_for_step(state.step).items()}
+        optimizer.zero_grad(set_to_none=True)
+        autocast = torch.autocast(device.type, dtype=torch.float16 if use_fp16 else torch.bfloat16,
+                                  enabled=use_fp16 or use_bf16)
+        with autocast:
+            velocity = trainable(batch["fixed"], batch["moving"])
+        loss, terms = registration_loss(velocity, batch, core.displacement, config.weights,
+                                        config.lncc_window)
+        grad_norm = float("nan")
+        applied = False
+        if _all_finite(bool(torch.isfinite(loss)), device):
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = float(nn.utils.clip_grad_norm_(params, config.clip_norm))
+            if _all_finite(math.isfinite(grad_norm), device):
+                state.clipped += grad_norm > config.clip_norm
+                scaler.step(optimizer)
+                applied = all(bool(torch.isfinite(p).all()) for p in params)
+                if not applied:  # cannot happen with finite grads and a sane lr; never keep it
+                    core.load_state_dict(last_good)
+            scaler.update()
+        state.step += 1
+        if applied:
+            consecutive = 0
+            last_good = copy.deepcopy(core.state_dict())
+            state.history.append((state.step, float(loss.detach()), grad_norm))
+        else:
+            consecutive += 1
+            state.skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            if consecutive >= config.max_consecutive_skips:
+                core.load_state_dict(last_good)
+                raise TrainingDiverged(
+                    f"{consecutive} consecutive steps had non-finite loss or gradients (step "
+                    f"{state.step}); stopped with the last good weights kept. Check the inputs for "
+                    "extreme intensities or lower the learning rate")
+        done = state.step - first_step
+        eta = (time.time() - started) / done * (config.steps - state.step)
+        report(progress, stage, state.step, config.steps, loss=float(loss.detach()), grad_norm=grad_norm,
+               skipped=state.skipped, clipped=state.clipped, eta_s=eta,
+               **{k: float(v) for k, v in terms.items()})
+        if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+            save_checkpoint()
+    save_checkpoint()
+    core.eval()
+    return state
+
+
+# ---- instance optimisation (register --iterations N) ---------------------------------------
+#: Instance optimisation moves a velocity field in voxels, not network weights: its own lr.
+INSTANCE_LR = 0.05
+
+
+def instance_optimise(velocity: torch.Tensor, pair, iterations: int, *,
+                      squarings: int = diffeo.MIN_SQUARINGS, smoothness: float = 1.0,
+                      lr: float = INSTANCE_LR, device="cpu", progress=None, cancel=None):
+    """Refine one pair's velocity field for ``iterations`` steps of the stabilised loop (LNCC)."""
+    trainable = InstanceVelocity(velocity, squarings)
+    batch = {"fixed": pair.fixed, "moving": pair.moving, "fixed_mask": pair.fixed_mask}
+    config = TrainConfig(steps=iterations, lr=lr, checkpoint_every=0, lncc_window=7,
+                         weights=LossWeights(similarity=1.0, dice=0.0, smoothness=smoothness,
+                                             folding=10.0))
+    state = run(trainable, lambda step: batch, config, device=device, progress=progress,
+                cancel=cancel, stage="instance")
+    return trainable.velocity.detach(), state
