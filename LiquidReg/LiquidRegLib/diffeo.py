@@ -80,7 +80,7 @@ def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
 
 def voxel_to_ras_vectors(disp: torch.Tensor, grid: Grid) -> torch.Tensor:
     """(N, 3, I, J, K) voxel-unit displacement on ``grid`` -> (N, I, J, K, 3) RAS mm vectors."""
-    m = torch.as_tensor(grid.affine[:3, :3], dtype=disp.dtype, device=disp.device)
+    m = torch.tensor(grid.affine[:3, :3], dtype=disp.dtype, device=disp.device)
     return disp.permute(0, 2, 3, 4, 1) @ m.T
 
 
