@@ -1,0 +1,532 @@
+"""MRML nodes <-> the engine: everything LiquidReg does in 3D Slicer that does not need Qt.
+
+Three users share it: the Slicer module (which runs the ``liquidreg`` command in a background
+process and loads its files back through here), scripts in Slicer's Python console, and plain
+Python with the ``slicer-core`` wheel (``slicer.mrmlScene = slicer.vtkMRMLScene()`` first).
+
+Frames.  The fixed volume is read in world coordinates (a linear parent transform is folded into
+its grid).  The moving volume is read in its own local coordinates, and a linear parent transform
+on it becomes the initial affine (the user's manual pre-alignment).  The resulting displacement
+therefore maps fixed world points to moving *local* points, which is exactly what a transform
+placed as the moving volume's parent must do.
+
+This is the only place where the engine's displacement field becomes a Slicer grid transform.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import slicer
+import slicer.util
+import vtk
+from vtk.util import numpy_support
+
+from . import validate
+from .errors import InputError
+from .grid import Grid
+from .io import RESULT_FILES, Volume, read_displacement, read_volume, write_volume
+
+#: Pip requirements the engine needs beyond what Slicer ships with (torch comes from the PyTorch
+#: extension).  Keep in step with pyproject.toml; a test checks that they agree.
+PIP_REQUIREMENTS = {"scipy": "scipy>=1.9", "SimpleITK": "SimpleITK>=2.2", "tqdm": "tqdm>=4.60"}
+
+DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
+JACOBIAN_COLOR_NODE_NAME = "LiquidReg Jacobian"
+SUMMARY_ATTRIBUTE = "LiquidReg.Summary"
+
+
+# ---- nodes -> engine volumes ------------------------------------------------------------------
+def _matrix(vtk_matrix_getter) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    vtk_matrix_getter(m)
+    return slicer.util.arrayFromVTKMatrix(m)
+
+
+def _check_volume_node(node, name: str) -> None:
+    if node is None:
+        raise InputError(f"no {name} volume is selected; choose one in the '{name}' selector")
+    if node.GetScene() is None:
+        raise InputError(f"the {name} volume '{node.GetName()}' is no longer in the scene; "
+                         "select a volume that is loaded")
+    if not node.IsA("vtkMRMLScalarVolumeNode"):
+        raise InputError(f"'{node.GetName()}' ({node.GetClassName()}) is not a scalar volume; "
+                         f"select a scalar volume as the {name} volume")
+    image = node.GetImageData()
+    if image is None or image.GetNumberOfPoints() == 0:
+        raise InputError(f"the {name} volume '{node.GetName()}' has no voxels; load the image "
+                         "again or select another volume")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(f"the {name} volume '{node.GetName()}' has "
+                         f"{image.GetNumberOfScalarComponents()} values per voxel (colour or "
+                         "vector); convert it with the 'Vector to Scalar Volume' module first")
+
+
+def node_to_world(node, name: str) -> np.ndarray:
+    """The 4x4 matrix of the node's parent transforms (identity without one).
+
+    A non-linear parent cannot be folded into a grid, so it is refused with the fix.
+    """
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return np.eye(4)
+    if not parent.IsTransformToWorldLinear():
+        raise InputError(f"the {name} volume '{node.GetName()}' is under the non-linear transform "
+                         f"'{parent.GetName()}'; harden it (Data module: right-click the volume > "
+                         "Harden transform) or remove it, then register again")
+    return _matrix(parent.GetMatrixTransformToWorld)
+
+
+def volume_from_node(node, name: str, *, node_to_frame=None, labels: bool = False) -> Volume:
+    """Read a volume node as an engine :class:`Volume`.
+
+    Its grid is placed in world coordinates unless ``node_to_frame`` (the 4x4 matrix from the
+    node's parent space to the wanted frame) says otherwise.  ``arrayFromVolume`` is indexed
+    [k, j, i]; the engine's arrays are [i, j, k].  Images become float32; ``labels=True`` keeps
+    the stored integer type (masks, label maps).
+    """
+    _check_volume_node(node, name)
+    to_frame = node_to_world(node, name) if node_to_frame is None else np.asarray(node_to_frame)
+    affine = to_frame @ _matrix(node.GetIJKToRASMatrix)
+    kji = slicer.util.arrayFromVolume(node)
+    dtype = kji.dtype if labels and np.issubdtype(kji.dtype, np.integer) else np.float32
+    array = np.ascontiguousarray(kji.transpose(2, 1, 0), dtype=dtype)
+    return Volume(array, Grid(array.shape, affine), f"{name} volume '{node.GetName()}'")
+
+
+# ---- engine results -> nodes ------------------------------------------------------------------
+def grid_transform_from_displacement(displacement, grid: Grid):
+    """The engine's displacement (I, J, K, 3 RAS mm on ``grid``) as a vtkOrientedGridTransform.
+
+    Used as a FromParent transform it maps each fixed point x to x + u(x), the resampling
+    direction, with the same trilinear interpolation the engine uses.
+    """
+    field_ijk = np.asarray(displacement, dtype=np.float32)
+    if field_ijk.shape != (*grid.shape, 3):
+        raise ValueError(f"displacement shape {field_ijk.shape} does not match {grid.shape} x 3")
+    image = vtk.vtkImageData()
+    image.SetDimensions(*grid.shape)
+    image.SetOrigin(*grid.origin)
+    image.SetSpacing(*grid.spacing)
+    vectors = numpy_support.numpy_to_vtk(
+        np.ascontiguousarray(field_ijk.transpose(2, 1, 0, 3)).reshape(-1, 3), deep=True)
+    vectors.SetName("DisplacementRAS")
+    image.GetPointData().SetScalars(vectors)
+    direction = np.eye(4)
+    direction[:3, :3] = grid.direction
+    transform = slicer.vtkOrientedGridTransform()
+    transform.SetDisplacementGridData(image)
+    transform.SetGridDirectionMatrix(slicer.util.vtkMatrixFromArray(direction))
+    transform.SetInterpolationModeToLinear()
+    return transform
+
+
+def set_volume_node(node, array_ijk, grid: Grid) -> None:
+    """Put an [i, j, k] array on ``grid`` into an existing volume node, replacing its voxels."""
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(grid.affine))
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(np.asarray(array_ijk).transpose(2, 1, 0)))
+
+
+def jacobian_color_node(scene):
+    """A diverging blue-white-red table for Jacobian determinants, white at 1 (made once per scene)."""
+    node = scene.GetFirstNode(JACOBIAN_COLOR_NODE_NAME, "vtkMRMLColorTableNode")
+    if node is not None:
+        return node
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", JACOBIAN_COLOR_NODE_NAME)
+    node.SetTypeToUser()
+    node.SetNumberOfColors(256)
+    shrink, neutral, grow = np.array([0.1, 0.25, 0.75]), np.ones(3), np.array([0.75, 0.1, 0.1])
+    for index, t in enumerate(np.linspace(-1.0, 1.0, 256)):
+        rgb = neutral + (abs(t) * ((grow if t > 0 else shrink) - neutral))
+        node.SetColor(index, *rgb.tolist(), 1.0)
+    node.SetAttribute("Category", "LiquidReg")
+    return node
+
+
+def show_jacobian_colors(volume_node) -> None:
+    """Diverging colours centred at 1: blue where tissue shrinks, red where it grows, 0..2 shown."""
+    volume_node.CreateDefaultDisplayNodes()
+    display = volume_node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(jacobian_color_node(volume_node.GetScene()).GetID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevel(2.0, 1.0)
+
+
+@dataclass
+class RegistrationNodes:
+    """What a registration leaves in the scene (also returned to scripts)."""
+
+    transformNode: object
+    jacobianVolumeNode: object
+    warpedVolumeNode: object
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class RegistrationRequest:
+    """The user's selection: inputs, optional masks, and output nodes to update (None = create)."""
+
+    fixedVolumeNode: object
+    movingVolumeNode: object
+    fixedMaskNode: object = None
+    movingMaskNode: object = None
+    transformNode: object = None
+    jacobianVolumeNode: object = None
+    warpedVolumeNode: object = None
+    applyToMoving: bool = False
+
+
+@dataclass
+class RegistrationInputs:
+    """A request read into engine volumes, in the frames described in the module docstring."""
+
+    fixed: Volume
+    moving: Volume
+    fixedMask: Volume | None
+    movingMask: Volume | None
+    initialAffine: np.ndarray | None
+
+
+def _name(node) -> str:
+    return f"'{node.GetName()}'"
+
+
+def _check_outputs(request: RegistrationRequest) -> None:
+    """Refuse output selections that would overwrite an input or land somewhere unexpected."""
+    inputs = {"fixed volume": request.fixedVolumeNode, "moving volume": request.movingVolumeNode,
+              "fixed mask": request.fixedMaskNode, "moving mask": request.movingMaskNode}
+    outputs = {"Jacobian output": request.jacobianVolumeNode,
+               "warped output": request.warpedVolumeNode}
+    for out_name, out in outputs.items():
+        if out is None:
+            continue
+        for in_name, node in inputs.items():
+            if node is not None and out is node:
+                raise InputError(f"the {out_name} is the {in_name} {_name(node)}; choose another "
+                                 "node (or leave it empty to create one) so the input is kept")
+        if not out.IsA("vtkMRMLScalarVolumeNode") or out.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise InputError(f"the {out_name} {_name(out)} is not a scalar volume; choose a scalar "
+                             "volume or leave it empty to create one")
+    if (request.jacobianVolumeNode is not None
+            and request.jacobianVolumeNode is request.warpedVolumeNode):
+        raise InputError("the Jacobian and warped outputs are the same node; choose two different "
+                         "nodes or leave them empty to create new ones")
+    transform = request.transformNode
+    for out_name, out in [("output transform", transform), *outputs.items()]:
+        if out is not None and out.GetParentTransformNode() is not None:
+            raise InputError(f"the {out_name} {_name(out)} is under the transform "
+                             f"{_name(out.GetParentTransformNode())}; choose one that is not, or "
+                             "leave it empty to create one")
+    if transform is not None:
+        if not transform.IsA("vtkMRMLTransformNode"):
+            raise InputError(f"the output transform {_name(transform)} is not a transform node; "
+                             "choose a transform or leave it empty to create one")
+        for in_name in ("fixed volume", "fixed mask", "moving mask"):
+            node = inputs[in_name]
+            if node is not None and node.GetParentTransformNode() is transform:
+                raise InputError(f"the {in_name} {_name(node)} is under the output transform "
+                                 f"{_name(transform)}; choose another output transform")
+
+
+def read_request(request: RegistrationRequest) -> RegistrationInputs:
+    """Validate a selection and read it; raises InputError before anything is changed."""
+    fixed_node, moving_node = request.fixedVolumeNode, request.movingVolumeNode
+    _check_volume_node(fixed_node, "fixed")
+    _check_volume_node(moving_node, "moving")
+    if fixed_node is moving_node:
+        raise InputError(f"the fixed and moving volumes are the same volume {_name(fixed_node)}; "
+                         "choose two different volumes")
+    _check_outputs(request)
+    # The moving volume is read in its own frame; its parent transform (unless it is the one
+    # being recomputed) is the user's pre-alignment and becomes the initial affine.
+    moving_parent = moving_node.GetParentTransformNode()
+    if moving_parent is not None and moving_parent is request.transformNode:
+        moving_to_world = np.eye(4)
+    else:
+        moving_to_world = node_to_world(moving_node, "moving")
+    world_to_moving = np.linalg.inv(moving_to_world)
+
+    fixed = volume_from_node(fixed_node, "fixed")
+    moving = volume_from_node(moving_node, "moving", node_to_frame=np.eye(4))
+    validate.check_image(fixed, fixed.name)
+    validate.check_image(moving, moving.name)
+    fixed_mask = moving_mask = None
+    if request.fixedMaskNode is not None:
+        fixed_mask = volume_from_node(request.fixedMaskNode, "fixed mask", labels=True)
+        validate.check_mask(fixed_mask, fixed, fixed_mask.name)
+    if request.movingMaskNode is not None:
+        mask_to_world = node_to_world(request.movingMaskNode, "moving mask")
+        moving_mask = volume_from_node(request.movingMaskNode, "moving mask", labels=True,
+                                       node_to_frame=world_to_moving @ mask_to_world)
+        validate.check_mask(moving_mask, moving, moving_mask.name)
+    initial = None if np.allclose(world_to_moving, np.eye(4)) else world_to_moving
+    return RegistrationInputs(fixed, moving, fixed_mask, moving_mask, initial)
+
+
+def _output_volume(scene, node, base_name: str):
+    if node is not None:
+        return node
+    return scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(base_name))
+
+
+def apply_result(request: RegistrationRequest, displacement, grid: Grid, jacobian, warped,
+                 summary: dict) -> RegistrationNodes:
+    """Put a registration result into the scene: selected output nodes are updated in place,
+    missing ones are created.  The transform is FromParent (fixed -> moving, RAS mm)."""
+    fixed_node, moving_node = request.fixedVolumeNode, request.movingVolumeNode
+    for node, name in ((fixed_node, "fixed"), (moving_node, "moving")):
+        if node.GetScene() is None:
+            raise InputError(f"the {name} volume {_name(node)} was removed from the scene during "
+                             "registration; load it again and register again")
+    transform = grid_transform_from_displacement(displacement, grid)
+    scene = fixed_node.GetScene()
+    base = f"{moving_node.GetName()}_to_{fixed_node.GetName()}"
+    created = []
+    try:
+        transform_node = request.transformNode
+        if transform_node is None:
+            transform_node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode",
+                                                     scene.GenerateUniqueName(f"{base}_transform"))
+            created.append(transform_node)
+        jacobian_node = _output_volume(scene, request.jacobianVolumeNode, f"{base}_jacobian")
+        warped_node = _output_volume(scene, request.warpedVolumeNode, f"{base}_warped")
+        created += [n for n, given in ((jacobian_node, request.jacobianVolumeNode),
+                                       (warped_node, request.warpedVolumeNode)) if given is None]
+        transform_node.SetAndObserveTransformFromParent(transform)
+        transform_node.SetNodeReferenceID(transform_node.GetFixedNodeReferenceRole(),
+                                          fixed_node.GetID())
+        transform_node.SetNodeReferenceID(transform_node.GetMovingNodeReferenceRole(),
+                                          moving_node.GetID())
+        transform_node.SetAttribute(SUMMARY_ATTRIBUTE, json.dumps(summary, default=str))
+        set_volume_node(jacobian_node, np.asarray(jacobian, dtype=np.float32), grid)
+        show_jacobian_colors(jacobian_node)
+        set_volume_node(warped_node, np.asarray(warped, dtype=np.float32), grid)
+        warped_node.CreateDefaultDisplayNodes()
+        if request.applyToMoving:
+            moving_node.SetAndObserveTransformNodeID(transform_node.GetID())
+    except BaseException:
+        for node in created:
+            scene.RemoveNode(node)
+        raise
+    return RegistrationNodes(transform_node, jacobian_node, warped_node, dict(summary))
+
+
+def load_cli_result(request: RegistrationRequest, out_dir) -> RegistrationNodes:
+    """Bring the files written by ``liquidreg register -o out_dir`` into the scene."""
+    out_dir = Path(out_dir)
+    displacement, grid = read_displacement(out_dir / RESULT_FILES["warp"], name="result warp")
+    jacobian = read_volume(out_dir / RESULT_FILES["jacobian"], name="result Jacobian")
+    warped = read_volume(out_dir / RESULT_FILES["warped"], name="result warped image")
+    summary = json.loads((out_dir / RESULT_FILES["summary"]).read_text())
+    return apply_result(request, displacement, grid, jacobian.array, warped.array, summary)
+
+
+# ---- the background command -------------------------------------------------------------------
+def python_executable() -> str:
+    """The interpreter for background commands: PythonSlicer inside the Slicer application."""
+    if hasattr(slicer, "app"):
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+    return sys.executable
+
+
+def parse_progress_line(line: str) -> dict | None:
+    """One ``--progress json`` line as a dict, or None for anything else the command printed."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+STAGE_NAMES = {"load": "Loading", "affine": "Affine alignment", "network": "Network",
+               "instance": "Fine-tuning on this pair", "resample": "Full resolution",
+               "write": "Saving results", "train": "Fine-tuning the network"}
+
+
+def describe_progress(event: dict) -> tuple[int | None, str]:
+    """Percent done in the current stage (None when unknown) and a one-line status."""
+    stage = str(event.get("stage", ""))
+    step, total = event.get("step"), event.get("total")
+    percent = int(100 * step / total) if isinstance(step, (int, float)) and total else None
+    text = STAGE_NAMES.get(stage, stage.capitalize())
+    if event.get("message"):
+        text += f": {event['message']}"
+    if total:
+        text += f" ({step}/{total})"
+    eta = (event.get("metrics") or {}).get("eta_s")
+    if isinstance(eta, (int, float)):
+        text += f", about {eta:.0f} s left"
+    return percent, text
+
+
+class CliJob:
+    """The ``liquidreg`` command running in its own process, read without ever blocking.
+
+    The Slicer GUI polls it from a timer, so long work never freezes the application; tests and
+    scripts can simply :meth:`wait`.  Output lines are read by two daemon threads.
+    """
+
+    def __init__(self, arguments, *, python: str | None = None, kill_after_s: float = 5.0):
+        env = dict(os.environ)
+        package_parent = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        self.command = [python or python_executable(), "-m", "LiquidRegLib.cli", *map(str, arguments)]
+        self._lines: queue.Queue = queue.Queue()
+        self._stderr: deque = deque(maxlen=40)
+        self._kill_after_s = kill_after_s
+        self._cancel_time = None
+        self.events: list[dict] = []
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
+        self._readers = [threading.Thread(target=self._read, args=(stream, sink), daemon=True)
+                         for stream, sink in ((self.process.stdout, self._lines.put),
+                                              (self.process.stderr, self._stderr.append))]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream, sink) -> None:
+        for line in stream:
+            sink(line)
+        stream.close()
+
+    def poll(self) -> list[dict]:
+        """Progress events printed since the last call (never blocks)."""
+        new = []
+        while True:
+            try:
+                event = parse_progress_line(self._lines.get_nowait())
+            except queue.Empty:
+                break
+            if event is not None:
+                new.append(event)
+        self.events += new
+        if (self._cancel_time is not None and self.process.poll() is None
+                and time.monotonic() - self._cancel_time > self._kill_after_s):
+            self.process.kill()
+        return new
+
+    @property
+    def finished(self) -> bool:
+        """True once the process has exited and all its output has been read."""
+        return (self.process.poll() is not None and not any(r.is_alive() for r in self._readers)
+                and self._lines.empty())
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel_time is not None
+
+    def cancel(self) -> None:
+        """Ask the command to stop; it is killed if still running a few seconds later."""
+        if self._cancel_time is None and self.process.poll() is None:
+            self._cancel_time = time.monotonic()
+            self.process.terminate()
+
+    def wait(self, timeout: float | None = None, on_event=None) -> None:
+        """Block until the command ends (for scripts and tests)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished:
+            for event in self.poll():
+                if on_event is not None:
+                    on_event(event)
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                deadline = None
+            time.sleep(0.05)
+        for event in self.poll():
+            if on_event is not None:
+                on_event(event)
+
+    def outcome(self) -> tuple[str, str]:
+        """("done", output), ("cancelled", message) or ("error", one-line message)."""
+        for event in reversed(self.events):
+            if event.get("event") == "done":
+                return "done", str(event.get("output", ""))
+            if event.get("event") == "error":
+                return "error", str(event.get("message", "the command failed"))
+        if self._cancel_time is not None:
+            return "cancelled", "cancelled by the user; nothing was changed"
+        if self.process.returncode == 0:
+            return "done", ""
+        lines = [line.strip() for line in self._stderr if line.strip()]
+        detail = lines[-1] if lines else "no error message"
+        return "error", (f"LiquidReg stopped unexpectedly (exit code {self.process.returncode}): "
+                         f"{detail}")
+
+
+def write_cli_inputs(inputs: RegistrationInputs, folder) -> list[str]:
+    """Write a read request as files for ``liquidreg register``; returns the input arguments."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arguments = []
+    for volume, file_name in ((inputs.fixed, "fixed.nrrd"), (inputs.moving, "moving.nrrd")):
+        write_volume(folder / file_name, volume.array, volume.grid)
+        arguments.append(str(folder / file_name))
+    for volume, file_name, flag in ((inputs.fixedMask, "fixed_mask.nrrd", "--fixed-mask"),
+                                    (inputs.movingMask, "moving_mask.nrrd", "--moving-mask")):
+        if volume is not None:
+            write_volume(folder / file_name, volume.array, volume.grid)
+            arguments += [flag, str(folder / file_name)]
+    if inputs.initialAffine is not None:
+        np.savetxt(folder / "initial_affine.txt", inputs.initialAffine)
+        arguments += ["--initial-affine", str(folder / "initial_affine.txt")]
+    return arguments
+
+
+def register_arguments(input_arguments, out_dir, *, iterations=0, device="auto", affine=True,
+                       weights=None, regularisation=None) -> list[str]:
+    """The full ``liquidreg register`` command line for the background process."""
+    arguments = ["register", *input_arguments, "-o", str(out_dir), "--device", device,
+                 "--iterations", str(int(iterations)), "--progress", "json"]
+    if not affine:
+        arguments.append("--no-affine")
+    if weights:
+        arguments += ["--weights", str(weights)]
+    if regularisation is not None:
+        arguments += ["--regularisation", str(regularisation)]
+    return arguments
+
+
+# ---- the scripting entry point ----------------------------------------------------------------
+class LiquidRegLogic:
+    """Register two volume nodes and put the transform, Jacobian and warped volume in the scene.
+
+    ``LiquidRegLogic().register(fixedNode, movingNode, iterations=0, device="auto")`` blocks and
+    returns :class:`RegistrationNodes`.  Nothing in the scene changes unless it succeeds.
+    """
+
+    def register(self, fixedNode, movingNode, *, iterations: int = 0, device: str = "auto",
+                 fixedMaskNode=None, movingMaskNode=None, transformNode=None,
+                 jacobianVolumeNode=None, warpedVolumeNode=None, applyToMoving: bool = False,
+                 affine: bool = True, weights=None, regularisation=None, progress=None,
+                 cancel=None) -> RegistrationNodes:
+        from .register import register as run_registration
+
+        request = RegistrationRequest(fixedNode, movingNode, fixedMaskNode, movingMaskNode,
+                                      transformNode, jacobianVolumeNode, warpedVolumeNode,
+                                      applyToMoving)
+        inputs = read_request(request)
+        result = run_registration(inputs.fixed, inputs.moving, iterations=iterations,
+                                  device=DEVICES.get(device, device), affine=affine,
+                                  initial_affine=inputs.initialAffine,
+                                  fixed_mask=inputs.fixedMask, moving_mask=inputs.movingMask,
+                                  weights=weights, regularisation=regularisation,
+                                  progress=progress, cancel=cancel)
+        return apply_result(request, result.displacement, result.fixed_grid, result.jacobian,
+                            result.warped, result.summary)

@@ -1,0 +1,437 @@
+"""Checks of the Slicer integration, shared by pytest and the Slicer module's self-test.
+
+The same bodies run in CI against the real MRML libraries of the ``slicer-core`` wheel
+(``Testing/test_slicer_logic.py``) and inside the Slicer application (``LiquidRegTest``, run by
+ctest), so what passes in CI is what users get.  Each body works on ``slicer.mrmlScene`` (the
+caller provides an empty scene), writes only into ``workdir`` and raises AssertionError on
+failure.  Geometry is checked with MRML/VTK/ITK machinery, never with the engine's own resampler.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import slicer
+import slicer.util
+import vtk
+from vtk.util import numpy_support
+
+from . import logic
+from .errors import InputError
+from .grid import LPS_FLIP, Grid
+from .io import RESULT_FILES, read_volume
+
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Sample"
+
+
+# ---- helpers: geometry and scene access through Slicer's own machinery ----------------------
+def rotation(axis, degrees: float) -> np.ndarray:
+    axis = np.asarray(axis, dtype=np.float64)
+    axis /= np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    a = np.radians(degrees)
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+def oblique_lps_affine(spacing, origin, degrees=17.0) -> np.ndarray:
+    """IJK->RAS of an LPS-stored (i to the left, j to the back), obliquely tilted volume."""
+    m = np.eye(4)
+    m[:3, :3] = rotation((1.0, 2.0, 3.0), degrees) @ np.diag([-1.0, -1.0, 1.0]) @ np.diag(spacing)
+    m[:3, 3] = origin
+    return m
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return slicer.util.arrayFromVTKMatrix(m)
+
+
+def add_volume(array_ijk, affine, name, labels=False):
+    """A volume node made by Slicer's own helper (it takes [k, j, i] arrays)."""
+    return slicer.util.addVolumeFromArray(
+        np.ascontiguousarray(np.asarray(array_ijk).transpose(2, 1, 0)), affine, name,
+        "vtkMRMLLabelMapVolumeNode" if labels else "vtkMRMLScalarVolumeNode")
+
+
+def read_node(path, name, labels=False):
+    node = slicer.mrmlScene.AddNewNodeByClass(
+        "vtkMRMLLabelMapVolumeNode" if labels else "vtkMRMLScalarVolumeNode", name)
+    storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), f"MRML could not read {path}"
+    return node
+
+
+def write_node(node, path, storage_class="vtkMRMLVolumeArchetypeStorageNode") -> Path:
+    storage = slicer.mrmlScene.AddNewNodeByClass(storage_class)
+    storage.SetFileName(str(path))
+    assert storage.WriteData(node), f"MRML could not write {path}"
+    return Path(path)
+
+
+def transform_points(transform, points_ras) -> np.ndarray:
+    """Map (N, 3) RAS points through a VTK transform in one call."""
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    source.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(points_ras, dtype=np.float64),
+                                              deep=True))
+    transform.TransformPoints(source, target)
+    return numpy_support.vtk_to_numpy(target.GetData()).astype(np.float64)
+
+
+def voxel_centres_ras(node) -> np.ndarray:
+    """RAS centre of every voxel of ``node`` in arrayFromVolume ([k, j, i]) order, (N, 3)."""
+    i, j, k = node.GetImageData().GetDimensions()
+    kk, jj, ii = np.meshgrid(np.arange(k), np.arange(j), np.arange(i), indexing="ij")
+    ijk1 = np.stack([ii.ravel(), jj.ravel(), kk.ravel(), np.ones(ii.size)], axis=1)
+    return (ijk1 @ ijk_to_ras(node).T)[:, :3]
+
+
+def resample_labels_through(transform, labels_node, reference_node) -> np.ndarray:
+    """Nearest-neighbour resampling of ``labels_node`` onto ``reference_node``'s voxels, reading
+    each reference point x at ``transform``(x) — VTK's own point mapping, not the engine's."""
+    mapped = transform_points(transform, voxel_centres_ras(reference_node))
+    ras_to_ijk = np.linalg.inv(ijk_to_ras(labels_node))
+    ijk = np.rint(mapped @ ras_to_ijk[:3, :3].T + ras_to_ijk[:3, 3]).astype(np.int64)
+    labels = slicer.util.arrayFromVolume(labels_node)  # [k, j, i]
+    size = np.array(labels.shape[::-1])
+    inside = np.all((ijk >= 0) & (ijk < size), axis=1)
+    out = np.zeros(len(ijk), dtype=labels.dtype)
+    out[inside] = labels[ijk[inside, 2], ijk[inside, 1], ijk[inside, 0]]
+    return out.reshape(reference_node.GetImageData().GetDimensions()[::-1])
+
+
+def scene_state() -> list:
+    """Every node's ID and modification time: equal states mean nothing was touched."""
+    scene = slicer.mrmlScene
+    nodes = [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]
+    return sorted((node.GetID(), node.GetMTime()) for node in nodes)
+
+
+def itk_transform_points(path, points_ras) -> np.ndarray:
+    """Map RAS points through a transform file as SimpleITK reads it (LPS inside)."""
+    import SimpleITK as sitk
+
+    transform = sitk.ReadTransform(str(path))
+    flip = LPS_FLIP[:3, :3].diagonal()
+    return np.array([transform.TransformPoint((p * flip).tolist()) for p in points_ras]) * flip
+
+
+# ---- conversions, with analytic data ---------------------------------------------------------
+def test_volume_from_node_oblique_lps(workdir):
+    """[k, j, i] node arrays become [i, j, k] Volumes placed exactly where MRML and ITK put them."""
+    shape = (9, 11, 13)
+    affine = oblique_lps_affine((1.2, 0.9, 2.5), (31.0, -12.0, 7.5))
+    i, j, k = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    array = (10000 * i + 100 * j + k).astype(np.int32)  # each voxel encodes its own index
+    node = add_volume(array, affine, "oblique")
+
+    volume = logic.volume_from_node(node, "fixed")
+    assert volume.array.shape == shape and volume.array.dtype == np.float32
+    assert np.array_equal(volume.array, array.astype(np.float32))
+    assert np.allclose(volume.grid.affine, ijk_to_ras(node), atol=1e-9)
+    labels = logic.volume_from_node(node, "mask", labels=True)
+    assert labels.array.dtype == np.int32 and np.array_equal(labels.array, array)
+
+    # MRML writes the node, ITK (through the engine's reader) reads the file: same placement.
+    from_file = read_volume(write_node(node, workdir / "oblique.nrrd"), dtype=None)
+    assert from_file.grid == volume.grid, (from_file.grid.affine, volume.grid.affine)
+    assert np.array_equal(from_file.array, array)
+
+    # A linear parent transform moves the volume in the world, and so its grid.
+    parent = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "tilt")
+    to_parent = np.eye(4)
+    to_parent[:3, :3] = rotation((0.0, 1.0, 1.0), 9.0)
+    to_parent[:3, 3] = (4.0, -3.0, 2.0)
+    parent.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(to_parent))
+    node.SetAndObserveTransformNodeID(parent.GetID())
+    moved = logic.volume_from_node(node, "fixed")
+    assert np.allclose(moved.grid.affine, to_parent @ affine, atol=1e-9)
+
+
+def _linear_field(grid: Grid, seed=0):
+    """An affine displacement u(x) = M x + c: trilinear interpolation reproduces it exactly."""
+    rng = np.random.default_rng(seed)
+    matrix = rng.uniform(-0.04, 0.04, (3, 3))
+    offset = rng.uniform(-3.0, 3.0, 3)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij"), axis=-1)
+    ras = grid.voxel_to_ras(ijk)
+    return (ras @ matrix.T + offset).astype(np.float32), (lambda p: p + p @ matrix.T + offset)
+
+
+def _pair_on(grid: Grid, seed=0):
+    rng = np.random.default_rng(seed)
+    fixed = add_volume(rng.random(grid.shape).astype(np.float32), grid.affine, "fixed")
+    moving_affine = grid.affine.copy()
+    moving_affine[:3, 3] += (2.0, 1.0, -1.0)
+    moving = add_volume(rng.random(grid.shape).astype(np.float32), moving_affine, "moving")
+    return fixed, moving
+
+
+def test_transform_node_reproduces_displacement(workdir):
+    """The grid transform node maps x to x + u(x) (FromParent), reads back with
+    arrayFromGridTransform, and survives Slicer's writer and SimpleITK's reader."""
+    grid = Grid((12, 10, 14), oblique_lps_affine((2.0, 1.5, 1.8), (-20.0, 15.0, -8.0)))
+    displacement, expected_map = _linear_field(grid)
+    fixed, moving = _pair_on(grid)
+    jacobian = np.full(grid.shape, 1.25, np.float32)
+    warped = np.arange(np.prod(grid.shape), dtype=np.float32).reshape(grid.shape)
+    nodes = logic.apply_result(logic.RegistrationRequest(fixed, moving), displacement, grid,
+                               jacobian, warped, {"pct_folding": 0.0})
+
+    transform_node = nodes.transformNode
+    from_parent = transform_node.GetTransformFromParent()
+    assert from_parent.IsA("vtkOrientedGridTransform"), from_parent.GetClassName()
+    rng = np.random.default_rng(1)
+    inside = grid.voxel_to_ras(rng.uniform(0, np.array(grid.shape) - 1, (200, 3)))
+    error = np.abs(transform_points(from_parent, inside) - expected_map(inside)).max()
+    assert error < 1e-3, f"FromParent transform is off by {error} mm"
+
+    array = slicer.util.arrayFromGridTransform(transform_node)
+    assert array.shape == (14, 10, 12, 3)
+    assert np.allclose(array, displacement.transpose(2, 1, 0, 3), atol=1e-6)
+
+    fixed_role = transform_node.GetFixedNodeReferenceRole()
+    moving_role = transform_node.GetMovingNodeReferenceRole()
+    assert transform_node.GetNodeReference(fixed_role).GetID() == fixed.GetID()
+    assert transform_node.GetNodeReference(moving_role).GetID() == moving.GetID()
+
+    for node, values in ((nodes.jacobianVolumeNode, jacobian), (nodes.warpedVolumeNode, warped)):
+        assert np.allclose(ijk_to_ras(node), grid.affine, atol=1e-9)
+        assert np.array_equal(slicer.util.arrayFromVolume(node), values.transpose(2, 1, 0))
+    display = nodes.jacobianVolumeNode.GetDisplayNode()
+    assert display.GetColorNode().GetName() == logic.JACOBIAN_COLOR_NODE_NAME
+    assert display.GetLevel() == 1.0 and not display.GetAutoWindowLevel()
+
+    path = write_node(transform_node, workdir / "transform.h5", "vtkMRMLTransformStorageNode")
+    error = np.abs(itk_transform_points(path, inside) - expected_map(inside)).max()
+    assert error < 1e-3, f"the transform written by Slicer reads back {error} mm off in SimpleITK"
+
+
+def test_outputs_updated_in_place(workdir):
+    """Selected output nodes keep their identity, run after run; the user's nodes all stay."""
+    grid = Grid((8, 9, 10), oblique_lps_affine((2.0, 2.0, 2.0), (0.0, 0.0, 0.0), degrees=5.0))
+    fixed, moving = _pair_on(grid)
+    scene = slicer.mrmlScene
+    manual = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "manual alignment")
+    moving.SetAndObserveTransformNodeID(manual.GetID())
+    mine = {"transformNode": scene.AddNewNodeByClass("vtkMRMLTransformNode", "my transform"),
+            "jacobianVolumeNode": scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my jac"),
+            "warpedVolumeNode": scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my warped")}
+    request = logic.RegistrationRequest(fixed, moving, applyToMoving=True, **mine)
+    runs = []
+    for seed in (0, 1):
+        displacement, _ = _linear_field(grid, seed)
+        warped = np.full(grid.shape, seed + 7.0, np.float32)
+        nodes = logic.apply_result(request, displacement, grid, np.ones(grid.shape, np.float32),
+                                   warped, {"run": seed})
+        runs.append((scene.GetNumberOfNodes(), displacement))
+        for key, node in mine.items():
+            assert getattr(nodes, key) is node, f"{key} was replaced"
+        transform_node = mine["transformNode"]
+        assert np.allclose(slicer.util.arrayFromGridTransform(transform_node),
+                           displacement.transpose(2, 1, 0, 3))
+        assert np.all(slicer.util.arrayFromVolume(mine["warpedVolumeNode"]) == seed + 7.0)
+        assert moving.GetParentTransformNode() is transform_node
+    assert runs[0][0] == runs[1][0], "the second run added nodes instead of updating"
+    assert scene.GetNodeByID(manual.GetID()) is manual, "the user's transform was removed"
+
+
+def test_parent_transforms_define_frames(workdir):
+    """Fixed parents fold into the fixed grid; a moving parent becomes the initial affine; a
+    moving volume under the transform being recomputed starts from scratch."""
+    scene = slicer.mrmlScene
+    grid = Grid((8, 8, 8), oblique_lps_affine((2.0, 2.0, 2.0), (1.0, 2.0, 3.0)))
+    fixed, moving = _pair_on(grid)
+    fixed_parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    moving_parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    pf, pm = np.eye(4), np.eye(4)
+    pf[:3, 3] = (5.0, 0.0, -2.0)
+    pm[:3, :3] = rotation((1.0, 0.0, 0.0), 12.0)
+    pm[:3, 3] = (0.0, 3.0, 1.0)
+    fixed_parent.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(pf))
+    moving_parent.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(pm))
+    fixed.SetAndObserveTransformNodeID(fixed_parent.GetID())
+    moving.SetAndObserveTransformNodeID(moving_parent.GetID())
+
+    inputs = logic.read_request(logic.RegistrationRequest(fixed, moving))
+    assert np.allclose(inputs.fixed.grid.affine, pf @ ijk_to_ras(fixed), atol=1e-9)
+    assert np.allclose(inputs.moving.grid.affine, ijk_to_ras(moving), atol=1e-9)
+    assert np.allclose(inputs.initialAffine, np.linalg.inv(pm), atol=1e-9)
+
+    output = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "previous result")
+    moving.SetAndObserveTransformNodeID(output.GetID())
+    inputs = logic.read_request(logic.RegistrationRequest(fixed, moving, transformNode=output))
+    assert inputs.initialAffine is None
+
+    displacement, _ = _linear_field(grid)
+    output.SetAndObserveTransformFromParent(logic.grid_transform_from_displacement(displacement, grid))
+    try:
+        logic.read_request(logic.RegistrationRequest(fixed, moving))
+    except InputError as error:
+        assert "harden" in str(error), error
+    else:
+        raise AssertionError("a moving volume under a non-linear transform was accepted")
+
+
+def test_bad_selections_change_nothing(workdir):
+    """Each bad selection gets a one-line message naming the problem and the fix; the scene is
+    untouched."""
+    grid = Grid((16, 16, 16), np.diag([2.0, 2.0, 2.0, 1.0]))
+    fixed, moving = _pair_on(grid)
+    flat = add_volume(np.random.default_rng(3).random((20, 24, 1)).astype(np.float32),
+                      np.diag([1.0, 1.0, 1.0, 1.0]), "single slice")
+    cases = [
+        ((fixed, fixed), {}, "same"),
+        ((None, moving), {}, "no fixed volume"),
+        ((fixed, None), {}, "no moving volume"),
+        ((fixed, flat), {}, "2-D"),
+        ((fixed, moving), {"warpedVolumeNode": moving}, "moving volume"),
+        ((fixed, moving), {"jacobianVolumeNode": fixed}, "fixed volume"),
+    ]
+    registration = logic.LiquidRegLogic()
+    for (fixed_node, moving_node), options, expected in cases:
+        before = scene_state()
+        try:
+            registration.register(fixed_node, moving_node, device="cpu", **options)
+        except InputError as error:
+            message = str(error)
+            assert expected in message, f"{expected!r} not in {message!r}"
+            assert "\n" not in message and ";" in message, f"not a one-line problem; fix: {message}"
+        else:
+            raise AssertionError(f"accepted a bad selection ({expected})")
+        assert scene_state() == before, f"the scene changed after refusing '{expected}'"
+
+
+def test_progress_lines(workdir):
+    """``--progress json`` lines become events; other output is ignored; status reads well."""
+    assert logic.parse_progress_line('{"stage": "network", "step": 1, "total": 2}\n') == \
+        {"stage": "network", "step": 1, "total": 2}
+    for noise in ("", "warning: something", "{not json", "[1, 2]"):
+        assert logic.parse_progress_line(noise) is None
+    percent, text = logic.describe_progress({"stage": "instance", "step": 5, "total": 50,
+                                             "message": "", "metrics": {"eta_s": 12.4}})
+    assert percent == 10 and text == "Fine-tuning on this pair (5/50), about 12 s left", text
+    assert logic.describe_progress({"stage": "affine", "step": 3, "total": None})[0] is None
+
+
+# ---- end to end, on the bundled sample pair ---------------------------------------------------
+def _reoriented_copy(node, name, world, *, step=2, swap_ik=False):
+    """Every ``step``-th voxel of ``node`` stored LPS-first (and with i/k swapped if asked), the
+    whole volume then moved by the rigid ``world`` matrix: same anatomy, new geometry."""
+    kji = slicer.util.arrayFromVolume(node)[::step, ::step, ::step][:, ::-1, ::-1]
+    nk, nj, ni = kji.shape
+    affine = ijk_to_ras(node) @ np.diag([step, step, step, 1.0])
+    affine = affine @ np.array([[-1, 0, 0, ni - 1], [0, -1, 0, nj - 1], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    if swap_ik:
+        kji = kji.transpose(2, 1, 0)
+        affine = affine @ np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1.0]])
+    labels = node.IsA("vtkMRMLLabelMapVolumeNode")
+    return slicer.util.addVolumeFromArray(np.ascontiguousarray(kji), world @ affine, name,
+                                          "vtkMRMLLabelMapVolumeNode" if labels else None)
+
+
+def _sample_pair(workdir):
+    """The bundled pair, halved in resolution, stored LPS and obliquely tilted, saved by MRML."""
+    raw = {name: read_node(SAMPLE_DIR / f"{name}.nii.gz", f"raw {name}", labels="labels" in name)
+           for name in ("fixed_t1", "moving_t1", "moving_labels")}
+    world = np.eye(4)
+    world[:3, :3] = rotation((1.0, -1.0, 2.0), 11.0)
+    world[:3, 3] = (3.0, -4.0, 6.0)
+    nodes = {"fixed": _reoriented_copy(raw["fixed_t1"], "fixed", world),
+             "moving": _reoriented_copy(raw["moving_t1"], "moving", world, swap_ik=True),
+             "labels": _reoriented_copy(raw["moving_labels"], "moving labels", world,
+                                        swap_ik=True)}
+    for node in raw.values():
+        slicer.mrmlScene.RemoveNode(node)
+    files = {key: write_node(node, workdir / f"{key}.nrrd") for key, node in nodes.items()}
+    return nodes, files
+
+
+def _run_cli(arguments):
+    job = logic.CliJob(arguments)
+    job.wait(timeout=600)
+    status, detail = job.outcome()
+    assert status == "done", f"liquidreg {arguments[0]} failed: {detail}"
+    return job
+
+
+def _itk_displacement_kji(path) -> np.ndarray:
+    """A displacement file as SimpleITK reads it, in RAS, indexed [k, j, i, c]."""
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))) * LPS_FLIP[:3, :3].diagonal()
+
+
+def test_register_matches_command_line(workdir, weights=None):
+    """Registering MRML nodes gives the command line's result on the same files, and the moving
+    labels resampled through the node's own FromParent transform by VTK match the CLI's."""
+    nodes, files = _sample_pair(workdir)
+    common = ["--device", "cpu", "--iterations", "0"] + (["--weights", str(weights)] if weights else [])
+    out = workdir / "cli"
+    job = _run_cli(["register", files["fixed"], files["moving"], "-o", out, "--progress", "json",
+                    *common])
+    stages = {event.get("stage") for event in job.events}
+    assert "network" in stages and job.events[-1].get("event") == "done", job.events[-3:]
+    warped_labels_path = workdir / "cli_labels.nrrd"
+    _run_cli(["apply", "--reference", files["fixed"], "--transform", out / RESULT_FILES["warp"],
+              files["labels"], "-o", warped_labels_path, "--interpolation", "nearest"])
+
+    result = logic.LiquidRegLogic().register(nodes["fixed"], nodes["moving"], iterations=0,
+                                             device="cpu", weights=weights)
+    transform_node = result.transformNode
+
+    # Same mapping as the command line's warp file, voxel for voxel.
+    array = slicer.util.arrayFromGridTransform(transform_node)
+    cli_field = _itk_displacement_kji(out / RESULT_FILES["warp"])
+    assert array.shape == cli_field.shape
+    difference = np.abs(array - cli_field).max()
+    assert difference < 0.05, f"node and CLI displacements differ by {difference} mm"
+    assert np.abs(cli_field).max() > 1.0, "the registration did not move anything"
+
+    # VTK resampling through the node's FromParent transform reproduces the CLI's labels.
+    cli_labels = slicer.util.arrayFromVolume(read_node(warped_labels_path, "cli labels", True))
+    ours = resample_labels_through(transform_node.GetTransformFromParent(), nodes["labels"],
+                                   nodes["fixed"])
+    agreement = float(np.mean(ours == cli_labels))
+    assert agreement > 0.995, f"only {agreement:.4f} of voxels agree with the CLI's labels"
+    inverse = resample_labels_through(transform_node.GetTransformToParent(), nodes["labels"],
+                                      nodes["fixed"])
+    wrong_way = float(np.mean(inverse == cli_labels))
+    assert wrong_way < agreement - 0.02, "the check cannot tell the transform's direction"
+
+    # Outputs live on the fixed grid.
+    fixed_matrix = ijk_to_ras(nodes["fixed"])
+    cli_warped = read_volume(out / RESULT_FILES["warped"]).array.transpose(2, 1, 0)
+    for node in (result.jacobianVolumeNode, result.warpedVolumeNode):
+        assert np.allclose(ijk_to_ras(node), fixed_matrix, atol=1e-4)
+    warped = slicer.util.arrayFromVolume(result.warpedVolumeNode)
+    assert np.abs(warped - cli_warped).max() < 0.01 * np.ptp(cli_warped)
+
+    # Slicer's transform writer, SimpleITK's reader: the same mapping.
+    rng = np.random.default_rng(0)
+    points = voxel_centres_ras(nodes["fixed"])[rng.choice(array.shape[0] * array.shape[1]
+                                                          * array.shape[2], 300, replace=False)]
+    path = write_node(transform_node, workdir / "result.h5", "vtkMRMLTransformStorageNode")
+    ours = transform_points(transform_node.GetTransformFromParent(), points)
+    error = np.abs(itk_transform_points(path, points) - ours).max()
+    assert error < 1e-3, f"SimpleITK reads the saved transform {error} mm away"
+
+
+def test_cancel_stops_the_command(workdir, weights=None):
+    """Cancel ends a running registration promptly and leaves no result behind."""
+    out = workdir / "cancelled"
+    arguments = ["register", SAMPLE_DIR / "fixed_t1.nii.gz", SAMPLE_DIR / "moving_t1.nii.gz",
+                 "-o", out, "--device", "cpu", "--iterations", "500", "--progress", "json"]
+    job = logic.CliJob(arguments + (["--weights", weights] if weights else []))
+    job.wait(timeout=120, on_event=lambda event: job.cancel())
+    status, detail = job.outcome()
+    assert status == "cancelled", (status, detail)
+    assert job.events, "no progress event arrived before cancelling"
+    assert not (out / RESULT_FILES["summary"]).exists()
+
+
+ALL_TESTS = [test_volume_from_node_oblique_lps, test_transform_node_reproduces_displacement,
+             test_outputs_updated_in_place, test_parent_transforms_define_frames,
+             test_bad_selections_change_nothing, test_progress_lines,
+             test_register_matches_command_line, test_cancel_stops_the_command]
