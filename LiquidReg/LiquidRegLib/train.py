@@ -250,7 +250,7 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
         eta = (time.time() - started) / done * (config.steps - state.step)
         report(progress, stage, state.step, config.steps, loss=float(loss.detach()), grad_norm=grad_norm,
                skipped=state.skipped, clipped=state.clipped, eta_s=eta,
-               **{k: float(v) for k, v in terms.items()})
+               **{k: float(v.detach()) for k, v in terms.items()})
         if config.checkpoint_every and state.step % config.checkpoint_every == 0:
             save_checkpoint()
     save_checkpoint()

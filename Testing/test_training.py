@@ -1,0 +1,203 @@
+"""The stabilised loop: honest short runs, adversarial inputs, skipped steps, checkpoints, resume, DDP."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from LiquidRegLib import checkpoint, diffeo, losses, train
+from LiquidRegLib.errors import Cancelled, TrainingDiverged, WeightsError
+from LiquidRegLib.model import LiquidReg, ModelConfig
+
+SHAPE = (32, 32, 32)
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return LiquidReg(ModelConfig())
+
+
+def synthetic_batch(step, seed=0, shift=2):
+    """Smooth random blobs and a shifted, slightly deformed copy, with 4 labels."""
+    g = torch.Generator().manual_seed(seed * 100003 + step)
+    f = F.avg_pool3d(torch.rand(1, 1, *SHAPE, generator=g), 5, 1, 2)
+    f = (f - f.min()) / (f.max() - f.min())
+    m = torch.roll(f, shift, dims=2)
+    labels = (f * 4).long().clamp(0, 3)
+    return {"fixed": f, "moving": m, "fixed_labels": labels,
+            "moving_labels": torch.roll(labels, shift, dims=2), "num_labels": 4}
+
+
+def params_finite(model):
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_five_iterations_on_synthetic_patches_are_honest():
+    model = small_model()
+    events = []
+    state = train.run(model, synthetic_batch, train.TrainConfig(steps=5, checkpoint_every=0),
+                      progress=events.append)
+    assert state.step == 5 and state.skipped == 0
+    assert len(events) == 5
+    for e in events:
+        assert torch.isfinite(torch.tensor(e.metrics["loss"]))
+        assert e.metrics["grad_norm"] > 0 and torch.isfinite(torch.tensor(e.metrics["grad_norm"]))
+        assert 0.0 <= e.metrics["lncc"] <= 2.0  # 1 - mean LNCC with LNCC in [-1, 1]
+    assert params_finite(model)
+    batch = synthetic_batch(99)
+    with torch.no_grad():
+        v = model(batch["fixed"], batch["moving"])
+        disp = model.displacement(v, SHAPE)
+        cc = losses.local_ncc(batch["fixed"], diffeo.warp(batch["moving"], disp))
+        jac = diffeo.jacobian_determinant(disp)
+    for t in (v, disp, cc, jac):
+        assert torch.isfinite(t).all()
+    assert cc.min() >= -1 and cc.max() <= 1
+    assert jac.min() > 0.5 and jac.max() < 1.5
+
+
+@pytest.mark.parametrize("case", ["constant", "spike", "zero_moving", "large_head"])
+def test_adversarial_inputs_never_put_nan_in_weights(case):
+    model = small_model()
+
+    def batch(step):
+        b = synthetic_batch(step)
+        if case == "constant":
+            b["fixed"] = torch.full_like(b["fixed"], 0.3)
+            b["moving"] = torch.full_like(b["moving"], 0.3)
+        elif case == "spike":
+            b["moving"] = b["moving"].clone()
+            b["moving"][0, 0, 16, 16, 16] = 1e6
+        elif case == "zero_moving":
+            b["moving"] = torch.zeros_like(b["moving"])
+        return b
+
+    if case == "large_head":
+        for head in model.heads.values():
+            torch.nn.init.normal_(head.weight, std=10.0)
+    state = train.run(model, batch, train.TrainConfig(steps=4, checkpoint_every=0))
+    assert state.step == 4
+    assert state.skipped + len(state.history) == 4  # every step is either applied or counted
+    assert params_finite(model)
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run():
+    model = small_model()
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def poisoned(step):
+        b = synthetic_batch(step)
+        b["fixed"] = b["fixed"].clone()
+        b["fixed"][0, 0, 3, 3, 3] = float("nan")
+        return b
+
+    with pytest.raises(TrainingDiverged, match="consecutive"):
+        train.run(model, poisoned, train.TrainConfig(steps=20, max_consecutive_skips=3,
+                                                     checkpoint_every=0))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, good[k]), f"{k} changed although every step was skipped"
+
+    # Isolated bad steps are skipped and counted, and training carries on.
+    def sometimes(step):
+        return poisoned(step) if step in (1, 3) else synthetic_batch(step)
+
+    state = train.run(model, sometimes, train.TrainConfig(steps=5, checkpoint_every=0))
+    assert state.skipped == 2 and len(state.history) == 3
+    assert params_finite(model)
+
+
+def test_resume_continues_with_identical_results(tmp_path):
+    config = train.TrainConfig(steps=6, checkpoint_every=3)
+    straight = small_model()
+    train.run(straight, synthetic_batch, config, checkpoint_path=tmp_path / "a.ckpt")
+
+    interrupted = small_model()
+    calls = []
+
+    def cancel_after_three():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(Cancelled):
+        train.run(interrupted, synthetic_batch, config, checkpoint_path=tmp_path / "b.ckpt",
+                  cancel=cancel_after_three)
+    resumed = small_model(seed=123)  # different init: everything must come from the checkpoint
+    state = train.run(resumed, synthetic_batch, config, checkpoint_path=tmp_path / "b.ckpt",
+                      resume=True)
+    assert state.step == 6
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_checkpoint_killed_mid_write_leaves_previous_loadable(tmp_path):
+    """A process SIGKILLed while writing checkpoints never leaves a half-written file."""
+    target = tmp_path / "run.ckpt"
+    script = textwrap.dedent(f"""
+        import torch
+        from LiquidRegLib import checkpoint
+        i = 0
+        while True:
+            checkpoint.save({str(target)!r}, {{"i": i, "big": torch.full((4_000_000,), float(i))}},
+                            kind="checkpoint")
+            print(i, flush=True)
+            i += 1
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3):
+            proc.stdout.readline()  # a few complete checkpoints exist, the next is being written
+        time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    content, _ = checkpoint.load(target, kind="checkpoint")
+    assert content["i"] >= 2
+    assert torch.all(content["big"] == float(content["i"]))
+
+
+def test_corrupt_checkpoint_is_rejected_clearly(tmp_path):
+    path = tmp_path / "w.pt"
+    checkpoint.save_weights(path, small_model())
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="corrupt"):
+        checkpoint.load_model(path)
+
+
+DDP_WORKER = textwrap.dedent("""
+    import os, sys, torch
+    import torch.distributed as dist
+    sys.path.insert(0, os.environ["TESTING_DIR"])
+    from test_training import small_model, synthetic_batch
+    from LiquidRegLib import train
+    torch.set_num_threads(1)
+    rank, world = train.distributed_setup()
+    model = small_model()
+    # each replica sees different data; DDP must keep the weights identical
+    train.run(model, lambda step: synthetic_batch(step, seed=rank + 1, shift=1 + rank),
+              train.TrainConfig(steps=3, checkpoint_every=0))
+    torch.save(model.state_dict(), os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    dist.destroy_process_group()
+""")
+
+
+def test_ddp_two_cpu_processes_keep_replicas_identical(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    env = dict(os.environ, TESTING_DIR=str(Path(__file__).parent), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", "--master_port=29517", str(worker), str(tmp_path)]
+    subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True)
+    a = torch.load(tmp_path / "rank0.pt")
+    b = torch.load(tmp_path / "rank1.pt")
+    init = small_model().state_dict()
+    assert any(not torch.equal(a[k], init[k]) for k in a), "training did not change the weights"
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
