@@ -104,8 +104,7 @@ class Grid:
 
     def ras_coordinates(self, device=None, dtype=torch.float32) -> torch.Tensor:
         """RAS position of every voxel, shape (I, J, K, 3)."""
-        return voxel_to_world(identity_voxels(self.shape, device, torch.float64),
-                              self.affine).to(dtype)
+        return mapped_voxels(self.shape, self.affine, device, dtype)
 
     def corners_ras(self) -> np.ndarray:
         n = np.array(self.shape) - 1
@@ -168,6 +167,23 @@ def identity_voxels(shape, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 
+def mapped_voxels(shape, affine: np.ndarray, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``affine`` applied to every voxel index of ``shape``: (I, J, K, 3).
+
+    Built as a broadcast sum of three 1-D axes, several times faster than a matmul over all
+    voxels of a 1 mm brain.
+    """
+    m = torch.tensor(np.asarray(affine, dtype=np.float64), dtype=torch.float64)
+    out = None
+    for axis, n in enumerate(shape):
+        steps = torch.arange(n, dtype=torch.float64)[:, None] * m[:3, axis]
+        view = [1, 1, 1, 3]
+        view[axis] = n
+        term = steps.view(view).to(device=device, dtype=dtype)
+        out = term if out is None else out + term
+    return out + m[:3, 3].to(device=device, dtype=dtype)
+
+
 def voxel_to_world(points: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
     """Apply a 4x4 matrix to (..., 3) points."""
     m = torch.tensor(np.asarray(affine), dtype=points.dtype, device=points.device)
@@ -205,15 +221,16 @@ def resample(array, source: Grid, target: Grid, *, world_map: np.ndarray | None 
         raise ValueError(f"interpolation must be 'linear' or 'nearest', not {order!r}")
     src = torch.as_tensor(np.ascontiguousarray(array), device=device)
     integer = not torch.is_floating_point(src)
-    vol = src.to(torch.float64 if integer else torch.float32)[None, None]
-    composite = (np.linalg.inv(source.affine) @
-                 (np.eye(4) if world_map is None else np.asarray(world_map, dtype=np.float64)))
+    # float32 holds every integer label below 2^24 exactly; beyond that, sample in float64
+    exact = integer and src.numel() and int(src.abs().max()) >= 2 ** 24
+    vol = src.to(torch.float64 if exact else torch.float32)[None, None]
+    to_source = source.inverse @ (np.eye(4) if world_map is None
+                                  else np.asarray(world_map, dtype=np.float64))
     if displacement is None:
-        pts = voxel_to_world(identity_voxels(target.shape, device, torch.float64),
-                             composite @ target.affine)
+        pts = mapped_voxels(target.shape, to_source @ target.affine, device)
     else:
-        ras = target.ras_coordinates(device, torch.float64) + displacement.to(device, torch.float64)
-        pts = voxel_to_world(ras, composite)
+        ras = mapped_voxels(target.shape, target.affine, device) + displacement.to(device, torch.float32)
+        pts = voxel_to_world(ras, to_source)
     out = sample(vol, pts[None].to(vol.dtype), mode="nearest" if order == "nearest" else "bilinear")
     out = out[0, 0]
     if integer:

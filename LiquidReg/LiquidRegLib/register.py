@@ -15,7 +15,7 @@ import torch
 
 from . import checkpoint, diffeo, losses, train, validate
 from .errors import InputError
-from .grid import Grid, resample, sample
+from .grid import Grid, mapped_voxels, sample, voxel_to_world
 from .preprocess import to_working, working_grid
 from .progress import check, report
 
@@ -52,18 +52,6 @@ def jacobian_statistics(jacobian) -> dict:
     return {"pct_folding": float((j <= 0).double().mean() * 100),
             "std_log_jacobian": float(positive.log().std()) if positive.numel() > 1 else 0.0,
             "jacobian_min": float(j.min()), "jacobian_max": float(j.max())}
-
-
-def _map_through(field_ras: torch.Tensor, working: Grid, points_ras: torch.Tensor) -> torch.Tensor:
-    """Read a (1, I, J, K, 3) RAS field on ``working`` at RAS points (..., 3), border-padded."""
-    vox = torch.as_tensor(working.ras_to_voxel(points_ras.double().cpu().numpy()),
-                          dtype=torch.float32, device=field_ras.device)
-    return sample(field_ras.permute(0, 4, 1, 2, 3), vox[None], padding_mode="border")[0].permute(1, 2, 3, 0)
-
-
-def _apply_world(points: torch.Tensor, matrix: np.ndarray) -> torch.Tensor:
-    m = torch.as_tensor(np.asarray(matrix, dtype=np.float64), dtype=points.dtype, device=points.device)
-    return points @ m[:3, :3].T + m[:3, 3]
 
 
 def _similarity(pair, moving=None) -> float:
@@ -178,20 +166,34 @@ def _deformable(model, fixed, moving, world_map, dev, iterations, regularisation
 
 
 def _full_resolution(model, velocity, wgrid: Grid, world_map, fixed, moving, dev) -> dict:
-    """Forward mapping, its Jacobian, the warped image and the inverse, at the input grids."""
-    forward_w = diffeo.voxel_to_ras_vectors(model.displacement(velocity, wgrid.shape), wgrid)
-    inverse_w = diffeo.voxel_to_ras_vectors(model.displacement(-velocity, wgrid.shape), wgrid)
-    # fixed x -> A (x + u(x))
-    x = fixed.grid.ras_coordinates(dev)
-    displacement = _apply_world(x + _map_through(forward_w, wgrid, x), world_map) - x
+    """Forward mapping, its Jacobian, the warped image and the inverse, at the input grids.
+
+    Points move between grids by 4x4 voxel maps in fp32 (no float64 RAS copies of 1 mm volumes);
+    the working-grid fields are read with border padding.
+    """
+    world_map = np.asarray(world_map, dtype=np.float64)
+    forward = diffeo.voxel_to_ras_vectors(model.displacement(velocity, wgrid.shape), wgrid)
+    inverse = diffeo.voxel_to_ras_vectors(model.displacement(-velocity, wgrid.shape), wgrid)
+
+    def read(field_ras, voxel_points):
+        return sample(field_ras.permute(0, 4, 1, 2, 3), voxel_points[None],
+                      padding_mode="border")[0].permute(1, 2, 3, 0)
+
+    # fixed x -> phi(x) = A (x + u(x))
+    x = mapped_voxels(fixed.grid.shape, fixed.grid.affine, dev)
+    phi = voxel_to_world(x + read(forward, mapped_voxels(fixed.grid.shape,
+                                                         wgrid.inverse @ fixed.grid.affine, dev)),
+                         world_map)
+    moving_tensor = torch.as_tensor(np.ascontiguousarray(moving.array), dtype=torch.float32,
+                                    device=dev)[None, None]
+    warped = sample(moving_tensor, voxel_to_world(phi, moving.grid.inverse)[None])[0, 0]
+    displacement = phi.sub_(x)
     del x
     jacobian = diffeo.jacobian_determinant_ras(displacement, fixed.grid)
-    warped = resample(moving.array, moving.grid, fixed.grid, displacement=displacement, device=dev)
     # moving y -> z + u^-1(z), z = A^-1 y
-    y = moving.grid.ras_coordinates(dev)
-    z = _apply_world(y, np.linalg.inv(world_map))
-    inverse = z + _map_through(inverse_w, wgrid, z) - y
-    return {"displacement": displacement.cpu().numpy().astype(np.float32),
-            "inverse_displacement": inverse.cpu().numpy().astype(np.float32),
-            "jacobian": jacobian.cpu().numpy().astype(np.float32),
-            "warped": np.asarray(warped, dtype=np.float32)}
+    y = mapped_voxels(moving.grid.shape, moving.grid.affine, dev)
+    z = mapped_voxels(moving.grid.shape, np.linalg.inv(world_map) @ moving.grid.affine, dev)
+    inverse_displacement = (z + read(inverse, voxel_to_world(z, wgrid.inverse))).sub_(y)
+    return {"displacement": displacement.cpu().numpy(),
+            "inverse_displacement": inverse_displacement.cpu().numpy(),
+            "jacobian": jacobian.cpu().numpy(), "warped": warped.cpu().numpy()}
