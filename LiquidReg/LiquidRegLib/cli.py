@@ -1,0 +1,563 @@
+"""The ``liquidreg`` command: register, apply, evaluate and finetune from a terminal or a script.
+
+Errors are one line (``liquidreg: error: <problem and fix>``) with a non-zero exit code; Ctrl-C
+exits with 130 and leaves no partial output.  ``--progress json`` turns stdout into one JSON
+object per line so other programs (the Slicer module) can drive the command as a subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import InputError, LiquidRegError
+from .progress import ProgressEvent
+
+PROG = "liquidreg"
+
+
+# ---- progress --------------------------------------------------------------------------------
+class Reporter:
+    """Receives ProgressEvents: a tqdm bar per stage on stderr, JSON lines on stdout, or nothing.
+
+    Bars appear only for stages that run longer than a second, so quick steps stay silent.
+    """
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self._bar = None
+        self._stage = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if self.mode == "json":
+            self._emit({"event": "progress", **event.as_dict()})
+        elif self.mode == "bar":
+            self._update_bar(event)
+
+    def _emit(self, content: dict) -> None:
+        from .io import to_jsonable
+        sys.stdout.write(json.dumps(content, default=to_jsonable) + "\n")
+        sys.stdout.flush()
+
+    def _update_bar(self, event: ProgressEvent) -> None:
+        from tqdm import tqdm
+        if event.stage != self._stage:
+            self.close()
+            self._stage = event.stage
+            self._bar = tqdm(total=event.total, desc=event.stage, delay=1.0, file=sys.stderr,
+                             unit="step", dynamic_ncols=True, leave=True)
+        bar = self._bar
+        if event.total is not None and event.total != bar.total:
+            bar.total = event.total
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in event.metrics.items()
+                 if isinstance(v, (int, float, str))}
+        if event.message:
+            shown = {"": event.message, **shown}
+        bar.set_postfix(shown, refresh=False)
+        bar.update(max(event.step - bar.n, 0))
+
+    def info(self, text: str) -> None:
+        """A human message: stdout in bar mode, nowhere in json/none mode (stdout is data)."""
+        if self.mode == "bar":
+            self.close()
+            print(text)
+
+    def done(self, **fields) -> None:
+        self.close()
+        if self.mode == "json":
+            self._emit({"event": "done", **fields})
+
+    def error(self, message: str) -> None:
+        self.close()
+        if self.mode == "json":
+            self._emit({"event": "error", "message": message})
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._bar = None
+        self._stage = None
+
+
+# ---- shared helpers --------------------------------------------------------------------------
+def _sample_pair() -> tuple[Path, Path]:
+    """The bundled sample pair, used when FIXED and MOVING are omitted."""
+    try:
+        from .data.sample import sample_paths
+        paths = sample_paths()
+        fixed, moving = paths["fixed_t1"], paths["moving_t1"]
+    except (ImportError, KeyError):
+        fixed = moving = None
+    if fixed is None or not fixed.is_file() or not moving.is_file():
+        raise InputError("no FIXED and MOVING images were given and the bundled sample pair is not "
+                         "installed; pass FIXED and MOVING image files")
+    return fixed, moving
+
+
+def _check_output_dir(out: Path) -> None:
+    """Fail before the long computation if the output folder cannot be made."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output '{out}' is an existing file; pass a folder for the results")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"cannot write into '{existing}' (permission denied); choose another "
+                         "output folder with -o")
+
+
+def _check_output_file(out: Path, what: str) -> None:
+    if out.is_dir():
+        raise InputError(f"output '{out}' is a folder; pass a file name for the {what}")
+    _check_output_dir(out.parent)
+
+
+# ---- register --------------------------------------------------------------------------------
+def run_register(args, reporter: Reporter) -> None:
+    from . import register as registration
+    from .io import read_affine, read_volume, save_result, Volume
+    from .validate import check_image, check_mask, check_overlap
+
+    if (args.fixed is None) != (args.moving is None):
+        raise InputError("pass both FIXED and MOVING (or neither, to register the bundled sample "
+                         "pair)")
+    fixed_path, moving_path = ((args.fixed, args.moving) if args.fixed is not None
+                               else _sample_pair())
+    out = Path(args.output)
+    _check_output_dir(out)
+    fixed = read_volume(fixed_path, name="fixed image")
+    moving = read_volume(moving_path, name="moving image")
+    check_image(fixed)
+    check_image(moving)
+    masks = {}
+    for role, path, image in (("fixed", args.fixed_mask, fixed), ("moving", args.moving_mask, moving)):
+        if path is not None:
+            mask = read_volume(path, name=f"{role} mask", dtype=None)
+            masks[role] = Volume(check_mask(mask, image).astype(np.uint8), image.grid, mask.name)
+    initial = read_affine(args.initial_affine) if args.initial_affine else None
+    if args.no_affine or initial is not None:
+        check_overlap(fixed, moving, initial)
+    result = registration.register(
+        fixed, moving, iterations=args.iterations, device=args.device, affine=not args.no_affine,
+        initial_affine=initial, fixed_mask=masks.get("fixed"), moving_mask=masks.get("moving"),
+        weights=args.weights, progress=reporter, cancel=None)
+    paths = save_result(result, out, png=not args.no_png, fixed=fixed, moving=moving,
+                        progress=reporter)
+    summary = getattr(result, "summary", None) or {}
+    reporter.info(f"results written to {out}/: " + ", ".join(p.name for p in paths.values()))
+    if isinstance(summary.get("pct_folding"), (int, float)):
+        reporter.info(f"folding: {summary['pct_folding']:.4f} % of voxels")
+    reporter.done(output=str(out), files={k: str(v) for k, v in paths.items()})
+
+
+# ---- apply -----------------------------------------------------------------------------------
+def _displacement_on(path, reference_grid):
+    """The warp's RAS displacement on the reference grid (zero outside the warp, as ITK does)."""
+    from .grid import resample
+    from .io import read_displacement
+    field, field_grid = read_displacement(path)
+    if field_grid == reference_grid:
+        return field
+    return np.stack([resample(field[..., c], field_grid, reference_grid) for c in range(3)], -1)
+
+
+def run_apply(args, reporter: Reporter) -> None:
+    import torch
+
+    from .grid import resample
+    from .io import image_extension, read_affine, read_grid, read_volume, write_volume
+
+    out = Path(args.output)
+    if not image_extension(out):
+        raise InputError(f"output '{out}' has no image extension; end it with .nii.gz, .nrrd or "
+                         ".mha")
+    _check_output_file(out, "resampled image")
+    reference = read_grid(args.reference, name="reference image")
+    nearest = args.interpolation == "nearest"
+    moving = read_volume(args.moving, name="moving image", dtype=None if nearest else np.float32)
+    if image_extension(args.transform):
+        displacement = torch.from_numpy(_displacement_on(args.transform, reference))
+        world_map = None
+    else:
+        displacement, world_map = None, read_affine(args.transform, name="transform")
+    reporter(ProgressEvent("resample", 0, 1, "resampling"))
+    array = resample(moving.array, moving.grid, reference, world_map=world_map,
+                     displacement=displacement, order=args.interpolation)
+    reporter(ProgressEvent("resample", 1, 1, "resampled"))
+    write_volume(out, array, reference)
+    reporter.info(f"wrote {out}")
+    reporter.done(output=str(out))
+
+
+# ---- evaluate --------------------------------------------------------------------------------
+def _parse_labels(text):
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise InputError(f"--labels '{text}' is not a comma-separated list of integers; e.g. "
+                         "--labels 2,3,41,42") from None
+
+
+def evaluate_files(fixed_labels_path, moving_labels_path, *, transform=None, jacobian=None,
+                   labels=None) -> dict:
+    """Dice per label, mean Dice, HD95 and Jacobian statistics for one registered pair."""
+    import torch
+
+    from .diffeo import jacobian_determinant_ras
+    from .grid import resample
+    from .io import read_volume
+    from .metrics import dice_per_label, hd95_per_label, jacobian_stats, mean_dice
+
+    fixed = read_volume(fixed_labels_path, name="fixed label map", dtype=None)
+    moving = read_volume(moving_labels_path, name="moving label map", dtype=None)
+    for volume in (fixed, moving):
+        if not np.issubdtype(volume.array.dtype, np.integer) and not np.all(
+                np.mod(volume.array, 1) == 0):
+            raise InputError(f"{volume.name} has non-integer values; pass a label map "
+                             "(segmentation), not an intensity image")
+    field = _displacement_on(transform, fixed.grid) if transform else None
+    warped = resample(moving.array, moving.grid, fixed.grid, order="nearest",
+                      displacement=None if field is None else torch.from_numpy(field))
+    dice = dice_per_label(fixed.array, warped, labels)
+    report = {"fixed_labels": str(fixed_labels_path), "moving_labels": str(moving_labels_path),
+              "transform": None if transform is None else str(transform),
+              "mean_dice": mean_dice(dice), "dice": dice,
+              "hd95_mm": hd95_per_label(fixed.array, warped, fixed.grid, list(dice))}
+    if jacobian is not None:
+        jac = read_volume(jacobian, name="Jacobian map").array
+        report["jacobian"] = jacobian_stats(jac)
+    elif field is not None:
+        report["jacobian"] = jacobian_stats(
+            jacobian_determinant_ras(torch.from_numpy(field), fixed.grid).numpy())
+    return report
+
+
+def run_evaluate(args, reporter: Reporter) -> None:
+    from .io import write_json
+    labels = _parse_labels(args.labels)
+    if args.output:
+        _check_output_file(Path(args.output), "report")
+    reporter(ProgressEvent("evaluate", 0, 1, "computing metrics"))
+    report = evaluate_files(args.fixed_labels, args.moving_labels, transform=args.transform,
+                            jacobian=args.jacobian, labels=labels)
+    reporter(ProgressEvent("evaluate", 1, 1, "done"))
+    if not report["dice"]:
+        raise InputError("the two label maps share no non-zero label; check that both use the "
+                         "same label numbering")
+    if args.output:
+        write_json(args.output, report)
+    lines = [f"{'label':>7} {'Dice':>7} {'HD95 mm':>8}"]
+    lines += [f"{label:>7} {d:7.4f} {report['hd95_mm'][label]:8.2f}"
+              for label, d in report["dice"].items()]
+    lines.append(f"{'mean':>7} {report['mean_dice']:7.4f}")
+    if "jacobian" in report:
+        j = report["jacobian"]
+        lines.append(f"Jacobian: {j['pct_folding']:.4f} % folding (J <= 0), std log J "
+                     f"{j['std_log_jac']:.4f}, min {j['min']:.3f}, max {j['max']:.3f}")
+    reporter.info("\n".join(lines))
+    reporter.done(output=args.output, metrics=report)
+
+
+# ---- finetune --------------------------------------------------------------------------------
+def pairs_from_csv(csv_path) -> list[tuple]:
+    """PairSpec tuples from a CSV with columns fixed,moving[,fixed_labels,moving_labels].
+
+    Relative paths are taken relative to the CSV's folder, so a data set can be moved as a whole.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise InputError(f"pairs file '{csv_path}' does not exist; check the path")
+    base = csv_path.parent
+    try:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error):
+        raise InputError(f"pairs file '{csv_path}' is not a readable CSV; write it as text with a "
+                         "header line 'fixed,moving,fixed_labels,moving_labels'") from None
+    columns = set(rows[0]) if rows else set()
+    if not {"fixed", "moving"} <= columns:
+        raise InputError(f"pairs file '{csv_path}' needs a header with columns 'fixed' and 'moving' "
+                         "(optionally 'fixed_labels' and 'moving_labels')")
+    pairs = []
+    for line, row in enumerate(rows, start=2):
+        spec = []
+        for column in ("fixed", "moving", "fixed_labels", "moving_labels"):
+            value = (row.get(column) or "").strip()
+            if not value:
+                if column in ("fixed", "moving"):
+                    raise InputError(f"{csv_path.name} line {line}: the '{column}' column is empty; "
+                                     "give an image path in every row")
+                spec.append(None)
+                continue
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.is_file():
+                raise InputError(f"{csv_path.name} line {line}: {column} '{value}' does not exist "
+                                 f"(looked for '{path}'); fix the path")
+            spec.append(path)
+        pairs.append(tuple(spec))
+    if not pairs:
+        raise InputError(f"pairs file '{csv_path}' has no rows; add one line per image pair")
+    return pairs
+
+
+def pairs_from_folder(folder) -> list[tuple]:
+    """Every ordered pair of distinct images in ``folder`` (no labels)."""
+    from .io import is_image_file
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"images folder '{folder}' does not exist; check the path")
+    images = sorted(p for p in folder.iterdir() if is_image_file(p))
+    if len(images) < 2:
+        raise InputError(f"images folder '{folder}' holds {len(images)} image(s); fine-tuning needs "
+                         "at least 2 (.nii.gz, .nrrd or .mha)")
+    return [(a, b, None, None) for a in images for b in images if a != b]
+
+
+def run_finetune(args, reporter: Reporter) -> None:
+    from . import checkpoint
+    from . import train
+
+    out = Path(args.output)
+    if out.resolve() == Path(checkpoint.DEFAULT_WEIGHTS).resolve():
+        raise InputError(f"refusing to overwrite the shipped weights '{out}'; pass another output "
+                         "file, e.g. -o my_weights.pt")
+    if out.exists() and not args.overwrite:
+        raise InputError(f"output '{out}' already exists; choose a new file name or add "
+                         "--overwrite")
+    _check_output_file(out, "weights")
+    pairs = pairs_from_csv(args.pairs) if args.pairs else pairs_from_folder(args.images)
+    reporter.info(f"fine-tuning on {len(pairs)} pair(s) for {args.steps} steps")
+    summary = train.finetune(pairs, out, steps=args.steps, weights=args.weights,
+                             device=args.device, progress=reporter, cancel=None)
+    reporter.info(f"wrote {out}")
+    reporter.done(output=str(out), summary=summary)
+
+
+# ---- parser ----------------------------------------------------------------------------------
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the hand-written line breaks of descriptions and examples; show meaningful defaults."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _paragraph(text: str) -> str:
+    import textwrap
+    return textwrap.fill(" ".join(text.split()), width=88)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("output and progress")
+    group.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                       help="progress on stderr as bars, as JSON lines on stdout (for programs), "
+                            "or none")
+    group.add_argument("--quiet", "-q", action="store_true",
+                       help="no progress bars or messages (errors are still printed)")
+    group.add_argument("--debug", action="store_true",
+                       help="show the full traceback of unexpected errors")
+    return common
+
+
+def _device_option(parser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to compute; auto uses a GPU when one is available")
+
+
+REGISTER_EXAMPLES = """examples:
+  liquidreg register fixed.nii.gz moving.nii.gz -o out/
+      affine + deformable registration; writes out/warped.nii.gz, warp.nii.gz (ITK/ANTs
+      displacement field), inverse_warp.nii.gz, jacobian.nii.gz, summary.json, overview.png
+  liquidreg register -o demo/
+      register the bundled sample pair (two real brains)
+  liquidreg register fixed.nrrd moving.nrrd -o out/ --iterations 50 --fixed-mask brain.nrrd
+      refine the network's answer with 50 optimisation steps inside a brain mask
+  liquidreg register fixed.nii.gz moving.nii.gz -o out/ --no-affine --initial-affine rigid.txt
+      images already roughly aligned by another tool (4x4 RAS text or ITK .txt/.mat)
+
+outputs follow ITK/ANTs conventions: warp.nii.gz maps fixed points to moving points, so
+  antsApplyTransforms -r fixed.nii.gz -i moving_labels.nii.gz -t out/warp.nii.gz -n NearestNeighbor
+gives the same result as 'liquidreg apply'."""
+
+APPLY_EXAMPLES = """examples:
+  liquidreg apply --reference fixed.nii.gz --transform out/warp.nii.gz moving.nii.gz -o warped.nii.gz
+  liquidreg apply --reference fixed.nii.gz --transform out/warp.nii.gz \\
+      moving_labels.nii.gz -o warped_labels.nii.gz --interpolation nearest
+      label maps: nearest keeps the integer labels and the file's voxel type
+  liquidreg apply --reference moving.nii.gz --transform out/inverse_warp.nii.gz fixed_seg.nrrd \\
+      -o seg_on_moving.nrrd --interpolation nearest
+      the inverse warp brings fixed-space data onto the moving image"""
+
+EVALUATE_EXAMPLES = """examples:
+  liquidreg evaluate fixed_labels.nii.gz moving_labels.nii.gz --transform out/warp.nii.gz
+      warp the moving labels (nearest) and report Dice per label, mean Dice, HD95 (mm) and
+      Jacobian statistics of the warp (% folding, std of log J)
+  liquidreg evaluate fixed_labels.nii.gz warped_labels.nii.gz --jacobian out/jacobian.nii.gz -o report.json
+      labels already resampled onto the fixed image; save the numbers as JSON
+  liquidreg evaluate a.nii.gz b.nii.gz --labels 17,53 --transform out/warp.nii.gz
+      only the hippocampi"""
+
+FINETUNE_EXAMPLES = """examples:
+  liquidreg finetune --pairs pairs.csv -o my_weights.pt --steps 300
+      pairs.csv has a header 'fixed,moving[,fixed_labels,moving_labels]'; relative paths are
+      relative to the CSV's folder; with labels, the Dice loss guides the fine-tuning
+  liquidreg finetune --images my_scans/ -o my_weights.pt
+      every ordered pair of images in the folder (unsupervised: image similarity only)
+  liquidreg register fixed.nii.gz moving.nii.gz -o out/ --weights my_weights.pt
+      use the fine-tuned weights; the shipped weights are never modified"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Formatter,
+        description="LiquidReg: fast diffeomorphic learned registration of 3D brain MRI.\n"
+                    "Run 'liquidreg <command> --help' for the options and examples of each "
+                    "command.",
+        epilog="examples:\n  liquidreg register fixed.nii.gz moving.nii.gz -o out/\n"
+               "  liquidreg apply --reference fixed.nii.gz --transform out/warp.nii.gz labels.nii.gz "
+               "-o warped_labels.nii.gz --interpolation nearest\n"
+               "  liquidreg evaluate fixed_labels.nii.gz moving_labels.nii.gz --transform "
+               "out/warp.nii.gz\n"
+               "  liquidreg finetune --pairs pairs.csv -o my_weights.pt")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_options()
+
+    p = commands.add_parser(
+        "register", parents=[common], formatter_class=_Formatter, epilog=REGISTER_EXAMPLES,
+        help="register MOVING onto FIXED (affine + learned deformable)",
+        description=_paragraph("Register the MOVING image onto the FIXED image: affine pre-alignment, then "
+                    "the learned diffeomorphic network (optionally refined per pair). Images: "
+                    "NIfTI, NRRD or MetaImage, any orientation and spacing."))
+    p.add_argument("fixed", nargs="?", metavar="FIXED", help="fixed (reference) image; omit "
+                   "FIXED and MOVING to use the bundled sample pair")
+    p.add_argument("moving", nargs="?", metavar="MOVING", help="moving image, deformed onto FIXED")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output folder (created if needed; existing unrelated files are kept)")
+    _device_option(p)
+    p.add_argument("--iterations", type=int, default=0, metavar="N",
+                   help="instance-optimisation steps after the network (0 = network only, fastest)")
+    p.add_argument("--no-affine", action="store_true",
+                   help="skip the affine pre-alignment (images already aligned)")
+    p.add_argument("--initial-affine", metavar="MAT",
+                   help="starting fixed->moving transform: 4x4 RAS text matrix or ITK "
+                        ".txt/.tfm/.mat file")
+    p.add_argument("--fixed-mask", metavar="M", help="mask of the region of FIXED to align")
+    p.add_argument("--moving-mask", metavar="M", help="mask of the region of MOVING to align")
+    p.add_argument("--weights", metavar="W", help="network weights (default: the shipped ones)")
+    p.add_argument("--no-png", action="store_true", help="do not render overview.png")
+    p.set_defaults(run=run_register)
+
+    p = commands.add_parser(
+        "apply", parents=[common], formatter_class=_Formatter, epilog=APPLY_EXAMPLES,
+        help="resample an image or label map through a warp",
+        description=_paragraph("Resample MOVING onto the REFERENCE grid through a transform: a displacement "
+                    "field (warp.nii.gz / inverse_warp.nii.gz from 'register', or any ITK/ANTs "
+                    "warp) or a linear transform (4x4 RAS text or ITK file)."))
+    p.add_argument("moving", metavar="MOVING", help="image or label map to resample")
+    p.add_argument("--reference", required=True, metavar="FIXED",
+                   help="image whose grid the output takes (usually the fixed image)")
+    p.add_argument("--transform", required=True, metavar="WARP",
+                   help="displacement field (fixed -> moving) or linear transform file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output image file")
+    p.add_argument("--interpolation", choices=("linear", "nearest"), default="linear",
+                   help="nearest for label maps (keeps integer labels and voxel type)")
+    p.set_defaults(run=run_apply)
+
+    p = commands.add_parser(
+        "evaluate", parents=[common], formatter_class=_Formatter, epilog=EVALUATE_EXAMPLES,
+        help="Dice, HD95 and Jacobian statistics of a registration",
+        description=_paragraph("Score a registration with label maps: Dice per label (labels present in "
+                    "both maps), mean Dice, 95th-percentile Hausdorff distance in mm, and the "
+                    "warp's Jacobian statistics (% of voxels with J <= 0, std of log J)."))
+    p.add_argument("fixed_labels", metavar="FIXED_LABELS", help="label map of the fixed image")
+    p.add_argument("moving_labels", metavar="MOVING_LABELS",
+                   help="label map of the moving image (already warped if --transform is omitted)")
+    p.add_argument("--transform", metavar="WARP",
+                   help="warp to apply to MOVING_LABELS first (nearest neighbour)")
+    p.add_argument("--jacobian", metavar="JAC", help="Jacobian map to summarise (default: "
+                   "computed from --transform)")
+    p.add_argument("--labels", metavar="L1,L2,...", help="only these labels")
+    p.add_argument("-o", "--output", metavar="REPORT", help="also write the numbers as JSON")
+    p.set_defaults(run=run_evaluate)
+
+    p = commands.add_parser(
+        "finetune", parents=[common], formatter_class=_Formatter, epilog=FINETUNE_EXAMPLES,
+        help="adapt the network to your images",
+        description=_paragraph("Fine-tune the registration network on your own images (with the stabilised "
+                    "training loop: non-finite steps skipped, checkpoints written atomically). "
+                    "Writes a new weights file for 'register --weights'."))
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", metavar="CSV",
+                        help="CSV with columns fixed,moving[,fixed_labels,moving_labels]")
+    source.add_argument("--images", metavar="DIR", help="folder of images; all ordered pairs")
+    p.add_argument("-o", "--output", required=True, metavar="WEIGHTS", help="new weights file")
+    p.add_argument("--steps", type=int, default=200, metavar="N", help="training steps")
+    p.add_argument("--weights", metavar="W", help="starting weights (default: the shipped ones)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _device_option(p)
+    p.set_defaults(run=run_finetune)
+    return parser
+
+
+# ---- entry point -----------------------------------------------------------------------------
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    mode = args.progress
+    if args.quiet and mode == "bar":
+        mode = "none"
+    reporter = Reporter(mode)
+    # A terminating parent (e.g. Slicer's Cancel) gets the same clean exit as Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
+    try:
+        args.run(args, reporter)
+        return 0
+    except LiquidRegError as error:
+        message = _one_line(error)
+        code = error.exit_code
+    except KeyboardInterrupt:
+        message, code = "cancelled by the user; nothing was written", 130
+    except Exception as error:  # a bug, not bad input: still one line unless --debug
+        if args.debug:
+            raise
+        message = _one_line(f"unexpected {type(error).__name__}: {error} (rerun with --debug for "
+                            "the traceback and please report it)")
+        code = 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        reporter.close()
+    reporter.error(message)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
