@@ -455,13 +455,13 @@ class CliJob:
 
     def outcome(self) -> tuple[str, str]:
         """("done", output), ("cancelled", message) or ("error", one-line message)."""
-        for event in reversed(self.events):
-            if event.get("event") == "done":
-                return "done", str(event.get("output", ""))
-            if event.get("event") == "error":
-                return "error", str(event.get("message", "the command failed"))
+        ends = [e for e in self.events if e.get("event") in ("done", "error")]
+        if ends and ends[-1]["event"] == "done":
+            return "done", str(ends[-1].get("output", ""))
         if self._cancel_time is not None:
             return "cancelled", "cancelled by the user; nothing was changed"
+        if ends:
+            return "error", str(ends[-1].get("message", "the command failed"))
         if self.process.returncode == 0:
             return "done", ""
         lines = [line.strip() for line in self._stderr if line.strip()]
