@@ -122,8 +122,8 @@ def _check_output_file(out: Path, what: str) -> None:
 # ---- register --------------------------------------------------------------------------------
 def run_register(args, reporter: Reporter) -> None:
     from . import register as registration
-    from .io import read_affine, read_volume, save_result, Volume
-    from .validate import check_image, check_mask, check_overlap
+    from .io import read_affine, read_volume, save_result
+    from .validate import check_overlap
 
     if (args.fixed is None) != (args.moving is None):
         raise InputError("pass both FIXED and MOVING (or neither, to register the bundled sample "
@@ -134,16 +134,12 @@ def run_register(args, reporter: Reporter) -> None:
     _check_output_dir(out)
     fixed = read_volume(fixed_path, name="fixed image")
     moving = read_volume(moving_path, name="moving image")
-    check_image(fixed)
-    check_image(moving)
-    masks = {}
-    for role, path, image in (("fixed", args.fixed_mask, fixed), ("moving", args.moving_mask, moving)):
-        if path is not None:
-            mask = read_volume(path, name=f"{role} mask", dtype=None)
-            masks[role] = Volume(check_mask(mask, image).astype(np.uint8), image.grid, mask.name)
+    masks = {role: read_volume(path, name=f"{role} mask", dtype=None)
+             for role, path in (("fixed", args.fixed_mask), ("moving", args.moving_mask)) if path}
     initial = read_affine(args.initial_affine) if args.initial_affine else None
-    if args.no_affine or initial is not None:
+    if args.no_affine or initial is not None:  # fail before loading the network
         check_overlap(fixed, moving, initial)
+    # register() validates images and masks itself (for every caller: CLI, Slicer, scripts).
     result = registration.register(
         fixed, moving, iterations=args.iterations, device=args.device, affine=not args.no_affine,
         initial_affine=initial, fixed_mask=masks.get("fixed"), moving_mask=masks.get("moving"),

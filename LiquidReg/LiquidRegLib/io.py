@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import shutil
+import struct
 import tempfile
 import time
 import zlib
@@ -103,12 +104,43 @@ def _grid_of(image_or_reader, label: str) -> Grid:
                          "the file header") from None
 
 
+def _nifti_complete(path, data_bytes: int) -> bool:
+    """Whether a NIfTI file holds all its voxels.
+
+    ITK's NIfTI reader silently zero-fills a truncated file (an interrupted copy or download),
+    which would register garbage; NRRD and MetaImage readers report it themselves.  The header
+    gives where the voxels start; gzip's trailer gives the uncompressed length (mod 2^32).
+    """
+    compressed = str(path).lower().endswith(".gz")
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+        header = f.read(176)
+    endian = "<" if int.from_bytes(header[:4], "little") in (348, 540) else ">"
+    (header_size,) = struct.unpack(endian + "i", header[:4])
+    if header_size == 348:
+        offset = int(struct.unpack(endian + "f", header[108:112])[0])
+    elif header_size == 540:
+        offset = int(struct.unpack(endian + "q", header[168:176])[0])
+    else:
+        return True
+    expected = offset + data_bytes
+    if not compressed:
+        return os.path.getsize(path) >= expected
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little") == expected % (1 << 32)
+
+
 def _execute(reader: sitk.ImageFileReader, path, name: str) -> sitk.Image:
+    problem = (f"{name} '{path}' cannot be read: its voxel data is corrupt or truncated; "
+               "re-export or copy it again")
     try:
-        return reader.Execute()
-    except RuntimeError:
-        raise InputError(f"{name} '{path}' cannot be read: its voxel data is corrupt or truncated; "
-                         "re-export it") from None
+        image = reader.Execute()
+        data_bytes = sitk.GetArrayViewFromImage(image).nbytes
+        if image_extension(path) in (".nii", ".nii.gz") and not _nifti_complete(path, data_bytes):
+            raise InputError(problem)
+    except (RuntimeError, OSError, EOFError, struct.error):
+        raise InputError(problem) from None
+    return image
 
 
 def read_grid(path, *, name: str = "image") -> Grid:
@@ -318,10 +350,8 @@ def _grid_summary(grid: Grid) -> dict:
 
 def _summary(result) -> dict:
     from . import __version__
-    from .metrics import jacobian_stats
     content = dict(result.summary or {})
     content.setdefault("liquidreg_version", __version__)
-    content["jacobian_stats"] = jacobian_stats(result.jacobian)
     content["affine_ras_fixed_to_moving"] = np.asarray(result.affine).tolist()
     content["fixed_grid"] = _grid_summary(result.fixed_grid)
     content["moving_grid"] = _grid_summary(result.moving_grid)

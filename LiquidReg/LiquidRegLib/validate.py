@@ -15,7 +15,9 @@ MIN_SIZE = 8
 
 
 def _label(volume, name) -> str:
-    return name or getattr(volume, "name", None) or "image"
+    """The volume's own description (e.g. "moving image 'sub-02.nii.gz'") unless it has none."""
+    own = getattr(volume, "name", None)
+    return own if own and own != "image" else (name or "image")
 
 
 def check_image(volume, name: str | None = None) -> None:
