@@ -361,6 +361,17 @@ def _summary(result) -> dict:
     return content
 
 
+def _render_overview(path, result, fixed, moving) -> None:
+    """Runs in a writer thread.  Its torch work is a few tiny slice resamplings, for which
+    OpenMP's fork/join across the cores the other writers are using costs ~20x: one thread here
+    (the setting is per OpenMP thread, so the caller's own torch threads are untouched)."""
+    import torch
+
+    from .figures import save_overview
+    torch.set_num_threads(1)
+    save_overview(path, result, fixed=fixed, moving=moving)
+
+
 def save_result(result, out_dir, *, png: bool = True, fixed: Volume | None = None,
                 moving: Volume | None = None, progress=None) -> dict:
     """Write a registration result into ``out_dir``; returns {kind: path}.
@@ -387,9 +398,7 @@ def save_result(result, out_dir, *, png: bool = True, fixed: Volume | None = Non
         "summary": lambda: write_json(staged["summary"], _summary(result)),
     }
     if png:
-        from .figures import save_overview
-        jobs["overview"] = lambda: save_overview(staged["overview"], result, fixed=fixed,
-                                                 moving=moving)
+        jobs["overview"] = lambda: _render_overview(staged["overview"], result, fixed, moving)
     start = time.perf_counter()
     report(progress, "write", 0, len(jobs), "writing results")
     pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="liquidreg-write")
