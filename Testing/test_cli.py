@@ -175,7 +175,7 @@ def test_register_writes_results_and_json_progress(run_cli, pair, fake_engine):
     out = pair["folder"] / "out"
     code, stdout, err = run_cli("register", pair["paths"]["fixed"], pair["paths"]["moving"],
                                 "-o", out, "--progress", "json", "--iterations", "5",
-                                "--device", "cpu", "--no-png")
+                                "--device", "cpu", "--regularisation", "2.5", "--no-png")
     assert code == 0, err
     events = [json.loads(line) for line in stdout.strip().splitlines()]
     assert all(isinstance(e, dict) for e in events)
@@ -187,6 +187,7 @@ def test_register_writes_results_and_json_progress(run_cli, pair, fake_engine):
     assert sorted(os.listdir(out)) == sorted(set(io.RESULT_FILES.values()) - {"overview.png"})
     call = fake_engine["register"]
     assert call["iterations"] == 5 and call["device"] == "cpu" and call["affine"] is True
+    assert call["regularisation"] == 2.5 and call["weights"] is None
     assert call["fixed"].grid == pair["fixed"] and call["moving"].grid == pair["moving"]
 
 

@@ -119,3 +119,26 @@ def test_liquidreg_apply_resamples_like_ground_truth(case, run_cli):
     assert result.grid == case["fixed_grid"]
     assert result.array.dtype == np.int16
     assert _agreement(result.array, case["truth"]) >= AGREEMENT
+
+
+def test_apply_with_a_reference_grid_other_than_the_warp_grid(case, run_cli):
+    """The warp is read at the reference's points (trilinear), exactly as ITK does."""
+    paths = case["paths"]
+    reference_grid = build_grid((30, 26, 28), (1.2, 1.2, 1.3), rotation(0, 10, 5), (2.0, -4.0, 3.0))
+    assert reference_grid != case["fixed_grid"]
+    inside = case["fixed_grid"].ras_to_voxel(reference_grid.corners_ras())
+    assert np.all(inside > 0) and np.all(inside < np.array(case["fixed_grid"].shape) - 1)
+    reference = case["folder"] / "reference.nrrd"
+    io.write_volume(reference, np.ones(reference_grid.shape, np.float32), reference_grid)
+    out = case["folder"] / "applied_on_reference.nrrd"
+    code, _, err = run_cli("apply", "--reference", reference, "--transform", paths["warp"],
+                           paths["moving"], "-o", out, "--interpolation", "nearest", "--quiet")
+    assert code == 0, err
+    moving = sitk.ReadImage(str(paths["moving"]))
+    expected = sitk.Resample(moving, sitk.ReadImage(str(reference)), _sitk_transform(paths["warp"]),
+                             sitk.sitkNearestNeighbor, 0, moving.GetPixelID())
+    expected = sitk.GetArrayFromImage(expected).transpose(2, 1, 0)
+    result = io.read_volume(out, dtype=None)
+    assert result.grid == reference_grid
+    assert len(np.unique(expected)) == 9
+    assert _agreement(result.array, expected) >= AGREEMENT

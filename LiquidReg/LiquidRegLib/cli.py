@@ -130,6 +130,10 @@ def run_register(args, reporter: Reporter) -> None:
                          "pair)")
     fixed_path, moving_path = ((args.fixed, args.moving) if args.fixed is not None
                                else _sample_pair())
+    if args.regularisation is not None and not (np.isfinite(args.regularisation)
+                                                and args.regularisation >= 0):
+        raise InputError(f"--regularisation must be a number >= 0, not {args.regularisation}; "
+                         "e.g. --regularisation 2 for a smoother warp")
     out = Path(args.output)
     _check_output_dir(out)
     fixed = read_volume(fixed_path, name="fixed image")
@@ -143,7 +147,7 @@ def run_register(args, reporter: Reporter) -> None:
     result = registration.register(
         fixed, moving, iterations=args.iterations, device=args.device, affine=not args.no_affine,
         initial_affine=initial, fixed_mask=masks.get("fixed"), moving_mask=masks.get("moving"),
-        weights=args.weights, progress=reporter, cancel=None)
+        weights=args.weights, regularisation=args.regularisation, progress=reporter, cancel=None)
     paths = save_result(result, out, png=not args.no_png, fixed=fixed, moving=moving,
                         progress=reporter)
     summary = getattr(result, "summary", None) or {}
@@ -447,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_option(p)
     p.add_argument("--iterations", type=int, default=0, metavar="N",
                    help="instance-optimisation steps after the network (0 = network only, fastest)")
+    p.add_argument("--regularisation", type=float, metavar="W",
+                   help="smoothness weight for --iterations (higher = smoother; default 1.0)")
     p.add_argument("--no-affine", action="store_true",
                    help="skip the affine pre-alignment (images already aligned)")
     p.add_argument("--initial-affine", metavar="MAT",
