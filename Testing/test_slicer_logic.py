@@ -15,7 +15,8 @@ slicer = pytest.importorskip("slicer")  # the slicer-core wheel
 from LiquidRegLib import checkpoint, logic, slicer_tests  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE_ONLY = {"test_register_matches_command_line", "test_cancel_stops_the_command"}
+MODULE = ROOT / "LiquidReg"
+ENGINE_ONLY = {"test_slicer_paths_match_command_line", "test_cancel_stops_the_command"}
 
 
 @pytest.fixture
@@ -33,6 +34,21 @@ def test_shared_body(body, scene, tmp_path):
     body(tmp_path)
 
 
+def _module_source():
+    import ast
+
+    return ast.parse((MODULE / "LiquidReg.py").read_text())
+
+
+def _module_constant(name):
+    import ast
+
+    for node in _module_source().body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{name} is not defined in LiquidReg.py")
+
+
 def test_pip_requirements_match_pyproject():
     """What the Slicer module pip-installs is what the engine declares (Slicer ships numpy and
     the PyTorch extension provides torch)."""
@@ -41,23 +57,73 @@ def test_pip_requirements_match_pyproject():
     def by_name(specs):
         return {re.split(r"[<>=!~ ]", spec, maxsplit=1)[0].lower(): spec for spec in specs}
 
-    declared = by_name(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = by_name(project["dependencies"])
     expected = {name: spec for name, spec in declared.items() if name not in ("numpy", "torch")}
-    assert by_name(logic.PIP_REQUIREMENTS.values()) == expected
+    assert by_name(_module_constant("PIP_REQUIREMENTS").values()) == expected
+    torch_spec = declared["torch"].replace("torch", "", 1)
+    assert _module_constant("TORCH_REQUIREMENT") == torch_spec
 
 
-def test_module_lists_every_python_file():
-    """The module CMakeLists.txt installs every engine module, so the extension is complete."""
-    listed = (ROOT / "LiquidReg" / "CMakeLists.txt").read_text()
-    package = ROOT / "LiquidReg" / "LiquidRegLib"
-    missing = [str(path.relative_to(ROOT / "LiquidReg")) for path in package.rglob("*.py")
-               if "__pycache__" not in path.parts
-               and str(path.relative_to(ROOT / "LiquidReg")) not in listed]
+def test_module_never_imports_torch_when_loaded():
+    """Slicer loads LiquidReg.py at startup: no torch or engine import at module level
+    (PyTorch is installed on first use, with a prompt)."""
+    import ast
+
+    top = [node for node in _module_source().body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    names = [alias.name for node in top for alias in node.names]
+    names += [node.module or "" for node in top if isinstance(node, ast.ImportFrom)]
+    assert not [n for n in names if n.split(".")[0] in ("torch", "LiquidRegLib", "numpy")], names
+
+
+def test_cmake_lists_every_file():
+    """The module CMakeLists.txt installs every Python file, UI resource and engine data file."""
+    listed = (MODULE / "CMakeLists.txt").read_text()
+    expected = [path.relative_to(MODULE).as_posix() for path in (MODULE / "LiquidRegLib").rglob("*.py")
+                if "__pycache__" not in path.parts]
+    expected += [path.relative_to(MODULE).as_posix().replace("LiquidReg", "${MODULE_NAME}")
+                 for path in (MODULE / "Resources").rglob("*") if path.is_file()]
+    expected += [path.relative_to(ROOT / "Resources").as_posix()
+                 for path in (ROOT / "Resources").rglob("*") if path.is_file()]
+    missing = [name for name in expected if not re.search(rf"^\s*{re.escape(name)}\s*$", listed, re.M)]
     assert not missing, f"add to LiquidReg/CMakeLists.txt: {missing}"
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in listed
 
 
-def test_module_imports_no_torch_at_load():
-    """Loading the Slicer module never imports torch (PyTorch is installed on first use)."""
-    source = (ROOT / "LiquidReg" / "LiquidReg.py").read_text()
-    top_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
-    assert not [line for line in top_level if "torch" in line or "LiquidRegLib" in line], top_level
+def test_ui_matches_the_parameter_node_and_widget():
+    """Every SlicerParameterName in the .ui is a parameter, every ``self.ui.X`` exists, and every
+    node selector gets the scene."""
+    import ast
+    import xml.etree.ElementTree as ElementTree
+
+    root = ElementTree.parse(MODULE / "Resources" / "UI" / "LiquidReg.ui").getroot()
+    widgets = {w.get("name"): w for w in root.iter("widget")}
+    parameters = {}
+    for node in _module_source().body:
+        if isinstance(node, ast.ClassDef) and node.name == "LiquidRegParameterNode":
+            parameters = {item.target.id for item in node.body if isinstance(item, ast.AnnAssign)}
+    bound = {w.findtext("property[@name='SlicerParameterName']/string"): name
+             for name, w in widgets.items() if w.find("property[@name='SlicerParameterName']") is not None}
+    assert bound and set(bound) <= parameters, set(bound) - parameters
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "LiquidReg.py").read_text()))
+    assert used <= set(widgets), used - set(widgets)
+    selectors = {name for name, w in widgets.items() if w.get("class") == "qMRMLNodeComboBox"}
+    connected = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
+    assert selectors and selectors == connected, selectors ^ connected
+
+
+def test_extension_metadata():
+    """Index entry, extension CMake, icon and licence agree with each other and with pyproject."""
+    import json
+
+    entry = json.loads((ROOT / "LiquidReg.json").read_text())
+    extension = (ROOT / "CMakeLists.txt").read_text()
+    assert entry["category"] == "Registration" and 'EXTENSION_CATEGORY "Registration"' in extension
+    assert entry["build_dependencies"] == ["PyTorch"] and 'EXTENSION_DEPENDS "PyTorch"' in extension
+    assert entry["scm_url"].removesuffix(".git") in extension
+    header = (ROOT / "LiquidReg.png").read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")) == (128, 128)
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()

@@ -37,10 +37,6 @@ from .errors import InputError
 from .grid import Grid
 from .io import RESULT_FILES, Volume, read_displacement, read_volume, write_volume
 
-#: Pip requirements the engine needs beyond what Slicer ships with (torch comes from the PyTorch
-#: extension).  Keep in step with pyproject.toml; a test checks that they agree.
-PIP_REQUIREMENTS = {"scipy": "scipy>=1.9", "SimpleITK": "SimpleITK>=2.2", "tqdm": "tqdm>=4.60"}
-
 DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 JACOBIAN_COLOR_NODE_NAME = "LiquidReg Jacobian"
 SUMMARY_ATTRIBUTE = "LiquidReg.Summary"
@@ -102,6 +98,42 @@ def volume_from_node(node, name: str, *, node_to_frame=None, labels: bool = Fals
     dtype = kji.dtype if labels and np.issubdtype(kji.dtype, np.integer) else np.float32
     array = np.ascontiguousarray(kji.transpose(2, 1, 0), dtype=dtype)
     return Volume(array, Grid(array.shape, affine), f"{name} volume '{node.GetName()}'")
+
+
+def read_volume_node(path, name: str | None = None, *, labels: bool = False):
+    """Load an image file into a new volume node with MRML's own reader (for plain Python, where
+    ``slicer.util.loadVolume`` needs the application)."""
+    path = Path(path)
+    scene = slicer.mrmlScene
+    node = scene.AddNewNodeByClass(
+        "vtkMRMLLabelMapVolumeNode" if labels else "vtkMRMLScalarVolumeNode",
+        name or path.name.split(".")[0])
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(storage)
+        scene.RemoveNode(node)
+        raise InputError(f"'{path}' could not be read as a volume; check the path and format")
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def write_node(node, path) -> Path:
+    """Save a volume or transform node with MRML's own writer (the format follows the extension)."""
+    path = Path(path)
+    scene = node.GetScene()
+    storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode"
+                                      if node.IsA("vtkMRMLTransformNode")
+                                      else "vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    try:
+        if not storage.WriteData(node):
+            raise InputError(f"'{node.GetName()}' could not be written to '{path}'; choose a "
+                             "writable location and a .nrrd/.nii.gz (or .h5 for transforms) name")
+    finally:
+        scene.RemoveNode(storage)
+    return path
 
 
 # ---- engine results -> nodes ------------------------------------------------------------------
@@ -392,8 +424,9 @@ class CliJob:
         self._kill_after_s = kill_after_s
         self._cancel_time = None
         self.events: list[dict] = []
-        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
+        self.process = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+            env=env, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
         self._readers = [threading.Thread(target=self._read, args=(stream, sink), daemon=True)
                          for stream, sink in ((self.process.stdout, self._lines.put),
                                               (self.process.stderr, self._stderr.append))]
@@ -500,6 +533,81 @@ def register_arguments(input_arguments, out_dir, *, iterations=0, device="auto",
         arguments += ["--weights", str(weights)]
     if regularisation is not None:
         arguments += ["--regularisation", str(regularisation)]
+    return arguments
+
+
+def check_new_weights_path(path) -> Path:
+    """Where fine-tuned weights may go: a new .pt file, never the shipped weights' folder."""
+    from .checkpoint import DEFAULT_WEIGHTS
+
+    if not str(path or "").strip():
+        raise InputError("no file is chosen for the fine-tuned weights; choose a new .pt file name")
+    path = Path(path).expanduser()
+    if path.suffix != ".pt":
+        raise InputError(f"fine-tuned weights '{path.name}' need the .pt extension; choose a name "
+                         "ending in .pt")
+    shipped = DEFAULT_WEIGHTS.parent.resolve()
+    if path.resolve().parent == shipped:
+        raise InputError(f"'{path}' is in the folder of the shipped weights, which are never "
+                         "changed; choose another folder for the fine-tuned weights")
+    if path.exists():
+        raise InputError(f"'{path}' already exists; choose a new file name so no weights are "
+                         "overwritten")
+    return path
+
+
+def default_weights_path(folder) -> Path:
+    """A new, dated file name for fine-tuned weights in ``folder``."""
+    return Path(folder) / f"liquidreg_finetuned_{time.strftime('%Y%m%d-%H%M%S')}.pt"
+
+
+def write_pairs_csv(pairs, path) -> Path:
+    """A ``liquidreg finetune --pairs`` file (fixed,moving columns) for (fixed, moving) paths."""
+    lines = ["fixed,moving"] + [f"{Path(a).resolve()},{Path(b).resolve()}" for a, b in pairs]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def finetune_source_arguments(source: str, folder, *, fixedNode=None, movingNode=None,
+                              files=()) -> list[str]:
+    """Command-line arguments naming the fine-tuning data: "pair" (the two selected volumes,
+    written to ``folder`` in world coordinates), "folder" (``files[0]``) or "list" (``files``)."""
+    folder = Path(folder)
+    files = [str(f) for f in files if str(f).strip()]
+    if source == "pair":
+        fixed = volume_from_node(fixedNode, "fixed")
+        moving = volume_from_node(movingNode, "moving")
+        if fixedNode is movingNode:
+            raise InputError("the fixed and moving volumes are the same volume; choose two "
+                             "different volumes to fine-tune on")
+        for volume, name in ((fixed, "fixed.nrrd"), (moving, "moving.nrrd")):
+            validate.check_image(volume, volume.name)
+            write_volume(folder / name, volume.array, volume.grid)
+        return ["--pairs", str(write_pairs_csv([(folder / "fixed.nrrd", folder / "moving.nrrd")],
+                                               folder / "pairs.csv"))]
+    if source == "folder":
+        if not files or not Path(files[0]).is_dir():
+            raise InputError("no folder of images is chosen; choose the folder that holds the "
+                             "volumes to fine-tune on")
+        return ["--images", files[0]]
+    if source == "list":
+        if len(files) < 2:
+            raise InputError(f"{len(files)} volume file(s) are listed; add at least two to "
+                             "fine-tune on")
+        pairs = [(a, b) for a in files for b in files if a != b]
+        return ["--pairs", str(write_pairs_csv(pairs, folder / "pairs.csv"))]
+    raise ValueError(f"unknown fine-tuning source {source!r}")
+
+
+def finetune_arguments(source_arguments, output, *, steps=200, device="auto",
+                       weights=None) -> list[str]:
+    """The full ``liquidreg finetune`` command line for the background process."""
+    arguments = ["finetune", *source_arguments, "-o", str(output), "--steps", str(int(steps)),
+                 "--device", device, "--progress", "json"]
+    if weights:
+        arguments += ["--weights", str(weights)]
     return arguments
 
 

@@ -54,22 +54,6 @@ def add_volume(array_ijk, affine, name, labels=False):
         "vtkMRMLLabelMapVolumeNode" if labels else "vtkMRMLScalarVolumeNode")
 
 
-def read_node(path, name, labels=False):
-    node = slicer.mrmlScene.AddNewNodeByClass(
-        "vtkMRMLLabelMapVolumeNode" if labels else "vtkMRMLScalarVolumeNode", name)
-    storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node), f"MRML could not read {path}"
-    return node
-
-
-def write_node(node, path, storage_class="vtkMRMLVolumeArchetypeStorageNode") -> Path:
-    storage = slicer.mrmlScene.AddNewNodeByClass(storage_class)
-    storage.SetFileName(str(path))
-    assert storage.WriteData(node), f"MRML could not write {path}"
-    return Path(path)
-
-
 def transform_points(transform, points_ras) -> np.ndarray:
     """Map (N, 3) RAS points through a VTK transform in one call."""
     source, target = vtk.vtkPoints(), vtk.vtkPoints()
@@ -138,7 +122,7 @@ def test_volume_from_node_oblique_lps(workdir):
     assert labels.array.dtype == np.int32 and np.array_equal(labels.array, array)
 
     # MRML writes the node, ITK (through the engine's reader) reads the file: same placement.
-    from_file = read_volume(write_node(node, workdir / "oblique.nrrd"), dtype=None)
+    from_file = read_volume(logic.write_node(node, workdir / "oblique.nrrd"), dtype=None)
     assert from_file.grid == volume.grid, (from_file.grid.affine, volume.grid.affine)
     assert np.array_equal(from_file.array, array)
 
@@ -207,7 +191,7 @@ def test_transform_node_reproduces_displacement(workdir):
     assert display.GetColorNode().GetName() == logic.JACOBIAN_COLOR_NODE_NAME
     assert display.GetLevel() == 1.0 and not display.GetAutoWindowLevel()
 
-    path = write_node(transform_node, workdir / "transform.h5", "vtkMRMLTransformStorageNode")
+    path = logic.write_node(transform_node, workdir / "transform.h5")
     error = np.abs(itk_transform_points(path, inside) - expected_map(inside)).max()
     assert error < 1e-3, f"the transform written by Slicer reads back {error} mm off in SimpleITK"
 
@@ -319,6 +303,43 @@ def test_progress_lines(workdir):
     assert logic.describe_progress({"stage": "affine", "step": 3, "total": None})[0] is None
 
 
+def test_finetune_inputs(workdir):
+    """Fine-tuning data reaches the command in its own formats, and new weights never replace
+    existing or shipped ones."""
+    from .checkpoint import DEFAULT_WEIGHTS
+    from .cli import pairs_from_csv
+
+    grid = Grid((10, 10, 10), oblique_lps_affine((2.0, 2.0, 2.0), (0.0, 5.0, 0.0)))
+    fixed, moving = _pair_on(grid)
+    arguments = logic.finetune_source_arguments("pair", workdir / "pair", fixedNode=fixed,
+                                                movingNode=moving)
+    assert arguments[0] == "--pairs"
+    (pair,) = pairs_from_csv(arguments[1])
+    assert read_volume(pair[0]).grid == grid and pair[2:] == (None, None)
+
+    files = [logic.write_node(node, workdir / f"{node.GetName()}.nrrd")
+             for node in (fixed, moving)]
+    files.append(logic.write_node(fixed, workdir / "third.nrrd"))
+    arguments = logic.finetune_source_arguments("list", workdir / "list", files=files)
+    assert len(pairs_from_csv(arguments[1])) == 6
+
+    existing = workdir / "existing.pt"
+    existing.write_bytes(b"")
+    refused = {"": "no file", str(workdir / "w.pth"): ".pt", str(existing): "already exists",
+               str(DEFAULT_WEIGHTS.parent / "mine.pt"): "shipped"}
+    for path, expected in refused.items():
+        try:
+            logic.check_new_weights_path(path)
+        except InputError as error:
+            assert expected in str(error), (expected, str(error))
+        else:
+            raise AssertionError(f"accepted {path!r} for new weights")
+    new = logic.default_weights_path(workdir)
+    assert logic.check_new_weights_path(new) == new
+    command = logic.finetune_arguments(["--images", str(workdir)], new, steps=7, device="cpu")
+    assert command[:3] == ["finetune", "--images", str(workdir)] and "--progress" in command
+
+
 # ---- end to end, on the bundled sample pair ---------------------------------------------------
 def _reoriented_copy(node, name, world, *, step=2, swap_ik=False):
     """Every ``step``-th voxel of ``node`` stored LPS-first (and with i/k swapped if asked), the
@@ -337,7 +358,8 @@ def _reoriented_copy(node, name, world, *, step=2, swap_ik=False):
 
 def _sample_pair(workdir):
     """The bundled pair, halved in resolution, stored LPS and obliquely tilted, saved by MRML."""
-    raw = {name: read_node(SAMPLE_DIR / f"{name}.nii.gz", f"raw {name}", labels="labels" in name)
+    raw = {name: logic.read_volume_node(SAMPLE_DIR / f"{name}.nii.gz", f"raw {name}",
+                                        labels="labels" in name)
            for name in ("fixed_t1", "moving_t1", "moving_labels")}
     world = np.eye(4)
     world[:3, :3] = rotation((1.0, -1.0, 2.0), 11.0)
@@ -348,7 +370,7 @@ def _sample_pair(workdir):
                                         swap_ik=True)}
     for node in raw.values():
         slicer.mrmlScene.RemoveNode(node)
-    files = {key: write_node(node, workdir / f"{key}.nrrd") for key, node in nodes.items()}
+    files = {key: logic.write_node(node, workdir / f"{key}.nrrd") for key, node in nodes.items()}
     return nodes, files
 
 
@@ -367,13 +389,14 @@ def _itk_displacement_kji(path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path))) * LPS_FLIP[:3, :3].diagonal()
 
 
-def test_register_matches_command_line(workdir, weights=None):
-    """Registering MRML nodes gives the command line's result on the same files, and the moving
-    labels resampled through the node's own FromParent transform by VTK match the CLI's.
+def test_slicer_paths_match_command_line(workdir, weights=None):
+    """Registering MRML nodes from a script, and through the panel's background process, gives
+    the command line's result on the same files; the moving labels resampled through the node's
+    own FromParent transform by VTK match the CLI's.
 
     The moving volume sits under a linear "manual pre-alignment" transform, which the module
     uses as the initial affine; the CLI gets the same matrix with --initial-affine.  (The affine
-    search is skipped on both sides to keep the test fast; it is the engine's to test.)
+    search is skipped on all sides to keep the test fast; it is the engine's to test.)
     """
     nodes, files = _sample_pair(workdir)
     prealign = np.eye(4)
@@ -412,7 +435,8 @@ def test_register_matches_command_line(workdir, weights=None):
     assert np.abs(cli_field).max() > 2.0, "the registration did not move anything"
 
     # VTK resampling through the node's FromParent transform reproduces the CLI's labels.
-    cli_labels = slicer.util.arrayFromVolume(read_node(warped_labels_path, "cli labels", True))
+    cli_labels = slicer.util.arrayFromVolume(
+        logic.read_volume_node(warped_labels_path, "cli labels", labels=True))
     ours = resample_labels_through(transform_node.GetTransformFromParent(), nodes["labels"],
                                    nodes["fixed"])
     agreement = float(np.mean(ours == cli_labels))
@@ -434,10 +458,30 @@ def test_register_matches_command_line(workdir, weights=None):
     rng = np.random.default_rng(0)
     centres = voxel_centres_ras(nodes["fixed"])
     points = centres[rng.choice(len(centres), 300, replace=False)]
-    path = write_node(transform_node, workdir / "result.h5", "vtkMRMLTransformStorageNode")
+    path = logic.write_node(transform_node, workdir / "result.h5")
     ours = transform_points(transform_node.GetTransformFromParent(), points)
     error = np.abs(itk_transform_points(path, points) - ours).max()
     assert error < 1e-3, f"SimpleITK reads the saved transform {error} mm away"
+
+    # The panel's path: nodes -> files -> background `liquidreg` -> nodes, into the user's
+    # own output nodes, which are updated in place.
+    scene = slicer.mrmlScene
+    mine = logic.RegistrationRequest(
+        nodes["fixed"], nodes["moving"],
+        transformNode=scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "my transform"),
+        warpedVolumeNode=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my warped"))
+    nodes["moving"].SetAndObserveTransformNodeID(manual.GetID())
+    inputs = logic.read_request(mine)
+    arguments = logic.register_arguments(
+        logic.write_cli_inputs(inputs, workdir / "panel"), workdir / "panel" / "result",
+        device="cpu", affine=False, weights=weights)
+    _run_cli(arguments)
+    panel = logic.load_cli_result(mine, workdir / "panel" / "result")
+    assert panel.transformNode is mine.transformNode
+    assert panel.warpedVolumeNode is mine.warpedVolumeNode
+    difference = np.abs(slicer.util.arrayFromGridTransform(panel.transformNode) - array).max()
+    assert difference < 0.05, f"the panel's result differs from the script's by {difference} mm"
+    assert np.allclose(ijk_to_ras(panel.jacobianVolumeNode), fixed_matrix, atol=1e-4)
 
 
 def test_cancel_stops_the_command(workdir, weights=None):
@@ -455,5 +499,5 @@ def test_cancel_stops_the_command(workdir, weights=None):
 
 ALL_TESTS = [test_volume_from_node_oblique_lps, test_transform_node_reproduces_displacement,
              test_outputs_updated_in_place, test_parent_transforms_define_frames,
-             test_bad_selections_change_nothing, test_progress_lines,
-             test_register_matches_command_line, test_cancel_stops_the_command]
+             test_bad_selections_change_nothing, test_progress_lines, test_finetune_inputs,
+             test_slicer_paths_match_command_line, test_cancel_stops_the_command]
