@@ -49,6 +49,16 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = MIN_SQUARINGS) -> to
     return disp
 
 
+def exp_velocity(velocity: torch.Tensor, shape=None, steps: int = MIN_SQUARINGS) -> torch.Tensor:
+    """exp(v) integrated on the velocity's own (coarser) grid, then resampled to ``shape``.
+
+    Integrating an SVF at half resolution is ~10x cheaper than on the working grid and loses
+    little: the field is smooth at that scale.
+    """
+    disp = integrate_velocity(velocity, steps)
+    return disp if shape is None else resize_field(disp, shape)
+
+
 def resize_field(field: torch.Tensor, shape) -> torch.Tensor:
     """Resample a voxel-unit field to another shape of the same field of view, rescaling vectors.
 

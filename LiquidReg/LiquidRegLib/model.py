@@ -157,6 +157,6 @@ class LiquidReg(nn.Module):
         svf_shape = ff[cfg.svf_level].shape[2:]
         return diffeo.resize_field(v, svf_shape)
 
-    def displacement(self, velocity, shape):
-        """exp(v) upsampled to ``shape`` (the working grid)."""
-        return diffeo.resize_field(diffeo.integrate_velocity(velocity, self.config.squarings), shape)
+    @property
+    def squarings(self) -> int:
+        return self.config.squarings

@@ -112,7 +112,7 @@ def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool 
     report(progress, "resample", 0, 1, "bringing the mapping to full resolution")
     with torch.no_grad():
         out = _full_resolution(model, velocity, wgrid, world_map, fixed, moving, result_dev)
-        warped_w = diffeo.warp(pair.moving, model.displacement(velocity, wgrid.shape))
+        warped_w = diffeo.warp(pair.moving, diffeo.exp_velocity(velocity, wgrid.shape, model.squarings))
         sim_after = _similarity(pair, warped_w)
     report(progress, "resample", 1, 1)
     lap("resample", t)
@@ -172,8 +172,8 @@ def _full_resolution(model, velocity, wgrid: Grid, world_map, fixed, moving, dev
     the working-grid fields are read with border padding.
     """
     world_map = np.asarray(world_map, dtype=np.float64)
-    forward = diffeo.voxel_to_ras_vectors(model.displacement(velocity, wgrid.shape), wgrid)
-    inverse = diffeo.voxel_to_ras_vectors(model.displacement(-velocity, wgrid.shape), wgrid)
+    forward = diffeo.voxel_to_ras_vectors(diffeo.exp_velocity(velocity, wgrid.shape, model.squarings), wgrid)
+    inverse = diffeo.voxel_to_ras_vectors(diffeo.exp_velocity(-velocity, wgrid.shape, model.squarings), wgrid)
 
     def read(field_ras, voxel_points):
         return sample(field_ras.permute(0, 4, 1, 2, 3), voxel_points[None],

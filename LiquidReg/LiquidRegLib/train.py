@@ -77,23 +77,28 @@ def one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
     return F.one_hot(labels[:, 0].long(), classes).permute(0, 4, 1, 2, 3)[:, 1:].float()
 
 
-def registration_loss(velocity: torch.Tensor, batch: dict, displace: Callable, weights: LossWeights,
+def registration_loss(velocity: torch.Tensor, batch: dict, weights: LossWeights,
+                      squarings: int = diffeo.MIN_SQUARINGS,
                       lncc_window: int = 9) -> tuple[torch.Tensor, dict]:
     """Total loss and its terms for a velocity field (fp32, outside autocast).
 
     ``batch`` holds ``fixed``/``moving`` (N, 1, I, J, K) and optionally ``fixed_labels``/
-    ``moving_labels`` (int, 0 = background, with ``num_labels``), ``fixed_mask``.
+    ``moving_labels`` (int, 0 = background, with ``num_labels``), ``fixed_mask`` and
+    ``similarity_weight`` (overrides ``weights.similarity``: 0 for cross-contrast pairs).
+    Folding is penalised on the displacement at the velocity's resolution, where it arises.
     """
     with torch.autocast(device_type=velocity.device.type, enabled=False):
         velocity = velocity.float()
         fixed, moving = batch["fixed"], batch["moving"]
-        disp = displace(velocity, fixed.shape[2:])
+        coarse = diffeo.integrate_velocity(velocity, squarings)
+        disp = diffeo.resize_field(coarse, fixed.shape[2:])
         terms = {}
         total = velocity.new_zeros(())
-        if weights.similarity:
+        similarity = float(batch.get("similarity_weight", weights.similarity))
+        if similarity:
             warped = diffeo.warp(moving, disp)
             terms["lncc"] = losses.lncc_loss(fixed, warped, lncc_window, batch.get("fixed_mask"))
-            total = total + weights.similarity * terms["lncc"]
+            total = total + similarity * terms["lncc"]
         if weights.dice and batch.get("fixed_labels") is not None:
             k = int(batch["num_labels"])
             warped_labels = diffeo.warp(one_hot(batch["moving_labels"], k), disp)
@@ -103,7 +108,7 @@ def registration_loss(velocity: torch.Tensor, batch: dict, displace: Callable, w
             terms["smooth"] = losses.diffusion_loss(velocity)
             total = total + weights.smoothness * terms["smooth"]
         if weights.folding:
-            terms["fold"] = losses.folding_loss(diffeo.jacobian_determinant(disp))
+            terms["fold"] = losses.folding_loss(diffeo.jacobian_determinant(coarse))
             total = total + weights.folding * terms["fold"]
         return total, terms
 
@@ -118,9 +123,6 @@ class InstanceVelocity(nn.Module):
 
     def forward(self, fixed=None, moving=None):
         return self.velocity
-
-    def displacement(self, velocity, shape):
-        return diffeo.resize_field(diffeo.integrate_velocity(velocity, self.squarings), shape)
 
 
 # ---- distributed -----------------------------------------------------------------------------
@@ -168,8 +170,8 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
         device="cpu", checkpoint_path=None, resume: bool = False,
         progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
         stage: str = "train", trainable_meta: Optional[dict] = None) -> RunState:
-    """Optimise ``trainable`` (a module with ``forward(fixed, moving) -> velocity`` and
-    ``displacement(velocity, shape)``) for ``config.steps`` steps.
+    """Optimise ``trainable`` (a module with ``forward(fixed, moving) -> velocity`` and a
+    ``squarings`` attribute) for ``config.steps`` steps.
 
     ``batch_for_step(step)`` must be deterministic in ``step`` (resume relies on it).  On return
     (or on :class:`TrainingDiverged` / ``Cancelled``) the trainable holds the last good weights.
@@ -216,7 +218,7 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
                                   enabled=use_fp16 or use_bf16)
         with autocast:
             velocity = trainable(batch["fixed"], batch["moving"])
-        loss, terms = registration_loss(velocity, batch, core.displacement, config.weights,
+        loss, terms = registration_loss(velocity, batch, config.weights, core.squarings,
                                         config.lncc_window)
         grad_norm = float("nan")
         applied = False
