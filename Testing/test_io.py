@@ -230,6 +230,9 @@ def test_save_result_writes_everything(tmp_path, grids):
     assert np.allclose(summary["fixed_grid"]["voxel_to_ras"], fixed.affine)
     assert summary["timings_s"]["network"] == 0.5
     assert paths["overview"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "plain.txt").write_text("")
+    usual = (tmp_path / "plain.txt").stat().st_mode
+    assert {p.stat().st_mode for p in paths.values()} == {usual}  # not private temp-file modes
 
 
 def test_save_result_leaves_nothing_on_failure(tmp_path, grids, monkeypatch):

@@ -56,11 +56,10 @@ class Reporter:
         bar = self._bar
         if event.total is not None and event.total != bar.total:
             bar.total = event.total
-        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in event.metrics.items()
-                 if isinstance(v, (int, float, str))}
-        if event.message:
-            shown = {"": event.message, **shown}
-        bar.set_postfix(shown, refresh=False)
+        shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                 for k, v in event.metrics.items() if isinstance(v, (int, float, str))]
+        bar.set_postfix_str(", ".join(([event.message] if event.message else []) + shown),
+                            refresh=False)
         bar.update(max(event.step - bar.n, 0))
 
     def info(self, text: str) -> None:
