@@ -140,8 +140,8 @@ class LiquidRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Paths have no automatic GUI connection for "empty means default": kept in sync here.
         self.ui.weightsPathLineEdit.connect("currentPathChanged(QString)",
                                             lambda path: self._setParameter("weights", path))
-        self.ui.finetuneFolderButton.connect("directoryChanged(QString)",
-                                             lambda path: self._setParameter("finetuneFolder", path))
+        self.ui.finetuneFolderButton.connect(
+            "directoryChanged(QString)", lambda path: self._setParameter("finetuneFolder", path))
         self.ui.finetuneOutputPathLineEdit.connect(
             "currentPathChanged(QString)", lambda path: self._setParameter("finetuneOutput", path))
 
@@ -463,7 +463,7 @@ class LiquidRegLogic(ScriptedLoadableModuleLogic):
         return LiquidRegParameterNode(super().getParameterNode())
 
     def weightsFolder(self) -> Path:
-        """Where fine-tuned weights go by default: the user's Slicer documents, not the extension."""
+        """Default folder for fine-tuned weights: the user's Slicer documents, not the extension."""
         return Path(slicer.app.defaultScenePath) / "LiquidReg"
 
     def ensureDependencies(self, askConfirmation: bool = True) -> bool:

@@ -30,7 +30,8 @@ def scene():
 @pytest.mark.parametrize("body", slicer_tests.ALL_TESTS, ids=lambda body: body.__name__)
 def test_shared_body(body, scene, tmp_path):
     if body.__name__ in ENGINE_ONLY and not checkpoint.DEFAULT_WEIGHTS.is_file():
-        pytest.skip(f"shipped weights {checkpoint.DEFAULT_WEIGHTS.name} are not in Resources/Weights yet")
+        pytest.skip(f"the shipped weights {checkpoint.DEFAULT_WEIGHTS.name} are not in "
+                    "Resources/Weights yet")
     body(tmp_path)
 
 
@@ -44,7 +45,8 @@ def _module_constant(name):
     import ast
 
     for node in _module_source().body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+        targets = [getattr(t, "id", None) for t in getattr(node, "targets", [])]
+        if isinstance(node, ast.Assign) and name in targets:
             return ast.literal_eval(node.value)
     raise AssertionError(f"{name} is not defined in LiquidReg.py")
 
@@ -79,13 +81,15 @@ def test_module_never_imports_torch_when_loaded():
 def test_cmake_lists_every_file():
     """The module CMakeLists.txt installs every Python file, UI resource and engine data file."""
     listed = (MODULE / "CMakeLists.txt").read_text()
-    expected = [path.relative_to(MODULE).as_posix() for path in (MODULE / "LiquidRegLib").rglob("*.py")
-                if "__pycache__" not in path.parts]
+    engine = [path for path in (MODULE / "LiquidRegLib").rglob("*.py")
+              if "__pycache__" not in path.parts]
+    expected = [path.relative_to(MODULE).as_posix() for path in engine]
     expected += [path.relative_to(MODULE).as_posix().replace("LiquidReg", "${MODULE_NAME}")
                  for path in (MODULE / "Resources").rglob("*") if path.is_file()]
     expected += [path.relative_to(ROOT / "Resources").as_posix()
                  for path in (ROOT / "Resources").rglob("*") if path.is_file()]
-    missing = [name for name in expected if not re.search(rf"^\s*{re.escape(name)}\s*$", listed, re.M)]
+    missing = [name for name in expected
+               if not re.search(rf"^\s*{re.escape(name)}\s*$", listed, re.M)]
     assert not missing, f"add to LiquidReg/CMakeLists.txt: {missing}"
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in listed
 
@@ -102,8 +106,9 @@ def test_ui_matches_the_parameter_node_and_widget():
     for node in _module_source().body:
         if isinstance(node, ast.ClassDef) and node.name == "LiquidRegParameterNode":
             parameters = {item.target.id for item in node.body if isinstance(item, ast.AnnAssign)}
-    bound = {w.findtext("property[@name='SlicerParameterName']/string"): name
-             for name, w in widgets.items() if w.find("property[@name='SlicerParameterName']") is not None}
+    parameter_names = {w.findtext("property[@name='SlicerParameterName']/string")
+                       for w in widgets.values()}
+    bound = parameter_names - {None}
     assert bound and set(bound) <= parameters, set(bound) - parameters
     used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "LiquidReg.py").read_text()))
     assert used <= set(widgets), used - set(widgets)
@@ -124,6 +129,106 @@ def test_extension_metadata():
     assert entry["scm_url"].removesuffix(".git") in extension
     header = (ROOT / "LiquidReg.png").read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")) == (128, 128)
+    size = (int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big"))
+    assert size == (128, 128)
     assert "Apache License" in (ROOT / "LICENSE").read_text()
     assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
+
+
+# ---- LiquidReg.py itself, with stand-ins for the application-only pieces ---------------------
+@pytest.fixture
+def module(monkeypatch, scene):
+    """LiquidReg.py imported as Slicer would, with minimal stand-ins for what only the application
+    has (Qt, the scripted-module base classes, the parameter node wrapper, translations).  MRML,
+    slicer.util and the engine are real."""
+    import importlib
+    import sys
+    import types
+
+    class Base:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget",
+                 "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
+        setattr(scripted, name, type(name, (Base,), {}))
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.Choice = wrapper.WithinRange = lambda *args: args
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    stand_ins = {"qt": types.ModuleType("qt"), "slicer.ScriptedLoadableModule": scripted,
+                 "slicer.parameterNodeWrapper": wrapper, "slicer.i18n": i18n}
+    for name, stand_in in stand_ins.items():
+        monkeypatch.setitem(sys.modules, name, stand_in)
+    monkeypatch.syspath_prepend(str(MODULE))
+    monkeypatch.delitem(sys.modules, "LiquidReg", raising=False)
+    yield importlib.import_module("LiquidReg")
+    sys.modules.pop("LiquidReg", None)
+
+
+def test_module_metadata(module):
+    import types
+
+    parent = types.SimpleNamespace()
+    module.LiquidReg(parent)
+    assert parent.title == "LiquidReg" and parent.categories == ["Registration"]
+    assert parent.contributors and parent.acknowledgementText.strip()
+    assert "Register" in parent.helpText and "LiquidRegLogic().register(" in parent.helpText
+
+
+def test_module_logic_delegates_to_the_engine_logic(module):
+    """``LiquidReg.LiquidRegLogic().register`` is the engine logic's register (all dependencies
+    present here, so nothing is asked)."""
+    import numpy as np
+
+    from LiquidRegLib.errors import InputError
+
+    volume = slicer_tests.add_volume(np.ones((9, 9, 9), np.float32), np.eye(4), "only")
+    with pytest.raises(InputError, match="same volume"):
+        module.LiquidRegLogic().register(volume, volume, iterations=0, device="cpu")
+
+
+def _pretend_missing(monkeypatch, module, missing):
+    real = module.importlib.util.find_spec
+    monkeypatch.setattr(module.importlib.util, "find_spec",
+                        lambda name, *a: None if name in missing else real(name, *a))
+
+
+def test_missing_pip_packages_are_installed_only_when_the_user_agrees(module, monkeypatch):
+    import contextlib
+
+    installed, answers = [], []
+    monkeypatch.setattr(slicer.util, "pip_install", installed.append)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: answers.pop(0))
+    monkeypatch.setattr(slicer.util, "WaitCursor", contextlib.nullcontext)
+    _pretend_missing(monkeypatch, module, {"tqdm"})
+    answers[:] = [False]
+    assert module.LiquidRegLogic().ensureDependencies() is False and installed == []
+    answers[:] = [True]
+    assert module.LiquidRegLogic().ensureDependencies() is True
+    assert installed == [["tqdm>=4.60"]]
+
+
+def test_pytorch_comes_from_the_pytorch_extension(module, monkeypatch):
+    import sys
+    import types
+
+    errors, requests = [], []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: errors.append(text))
+    _pretend_missing(monkeypatch, module, {"torch"})
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension not installed
+    assert module.LiquidRegLogic().ensureDependencies() is False
+    assert errors and "PyTorch extension" in errors[0] and "Extensions Manager" in errors[0]
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, **options):
+            requests.append(options)
+            return None  # the user declined PyTorch's own confirmation
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils",
+                        types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    assert module.LiquidRegLogic().ensureDependencies() is False
+    assert requests == [{"askConfirmation": True, "torchVersionRequirement": ">=2.1"}]

@@ -166,11 +166,12 @@ def grid_transform_from_displacement(displacement, grid: Grid):
 def set_volume_node(node, array_ijk, grid: Grid) -> None:
     """Put an [i, j, k] array on ``grid`` into an existing volume node, replacing its voxels."""
     node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(grid.affine))
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(np.asarray(array_ijk).transpose(2, 1, 0)))
+    kji = np.ascontiguousarray(np.asarray(array_ijk).transpose(2, 1, 0))
+    slicer.util.updateVolumeFromArray(node, kji)
 
 
 def jacobian_color_node(scene):
-    """A diverging blue-white-red table for Jacobian determinants, white at 1 (made once per scene)."""
+    """A diverging blue-white-red table for Jacobian determinants, white at 1 (one per scene)."""
     node = scene.GetFirstNode(JACOBIAN_COLOR_NODE_NAME, "vtkMRMLColorTableNode")
     if node is not None:
         return node
@@ -418,7 +419,8 @@ class CliJob:
         package_parent = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"
-        self.command = [python or python_executable(), "-m", "LiquidRegLib.cli", *map(str, arguments)]
+        self.command = [python or python_executable(), "-m", "LiquidRegLib.cli",
+                        *map(str, arguments)]
         self._lines: queue.Queue = queue.Queue()
         self._stderr: deque = deque(maxlen=40)
         self._kill_after_s = kill_after_s

@@ -253,7 +253,8 @@ def test_parent_transforms_define_frames(workdir):
     assert inputs.initialAffine is None
 
     displacement, _ = _linear_field(grid)
-    output.SetAndObserveTransformFromParent(logic.grid_transform_from_displacement(displacement, grid))
+    output.SetAndObserveTransformFromParent(
+        logic.grid_transform_from_displacement(displacement, grid))
     try:
         logic.read_request(logic.RegistrationRequest(fixed, moving))
     except InputError as error:
@@ -347,7 +348,8 @@ def _reoriented_copy(node, name, world, *, step=2, swap_ik=False):
     kji = slicer.util.arrayFromVolume(node)[::step, ::step, ::step][:, ::-1, ::-1]
     nk, nj, ni = kji.shape
     affine = ijk_to_ras(node) @ np.diag([step, step, step, 1.0])
-    affine = affine @ np.array([[-1, 0, 0, ni - 1], [0, -1, 0, nj - 1], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    flip_ij = np.array([[-1, 0, 0, ni - 1], [0, -1, 0, nj - 1], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    affine = affine @ flip_ij
     if swap_ik:
         kji = kji.transpose(2, 1, 0)
         affine = affine @ np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1.0]])
