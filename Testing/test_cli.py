@@ -263,3 +263,17 @@ def test_finetune_images_folder_and_output_guards(run_cli, pair, fake_engine, tm
     code, _, err = run_cli("finetune", "--images", images, "-o", checkpoint.DEFAULT_WEIGHTS,
                            "--overwrite", "-q")
     assert code != 0 and "shipped weights" in err
+
+
+def test_register_defaults_to_the_bundled_sample_pair(run_cli, fake_engine, tmp_path):
+    sample = pytest.importorskip("LiquidRegLib.data.sample")
+    paths = sample.sample_paths()
+    if not (paths["fixed_t1"].is_file() and paths["moving_t1"].is_file()):
+        pytest.skip("the sample pair is not in this checkout")
+    code, _, err = run_cli("register", "-o", tmp_path / "demo", "--no-png", "-q")
+    assert code == 0, err
+    call = fake_engine["register"]
+    assert call["fixed"].grid == io.read_grid(paths["fixed_t1"])
+    assert call["moving"].grid == io.read_grid(paths["moving_t1"])
+    code, _, err = run_cli("register", paths["fixed_t1"], "-o", tmp_path / "demo2", "-q")
+    assert code != 0 and "both FIXED and MOVING" in err
