@@ -389,9 +389,7 @@ class LiquidRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from LiquidRegLib import logic as engine
 
         nodes = engine.load_cli_result(request, resultFolder)
-        slicer.util.setSliceViewerLayers(background=request.fixedVolumeNode,
-                                         foreground=nodes.jacobianVolumeNode,
-                                         foregroundOpacity=0.4)
+        engine.show_result(request.fixedVolumeNode, nodes)
         summary = nodes.summary
         folding = summary.get("pct_folding")
         folding_text = f"{folding:.3f} %" if isinstance(folding, (int, float)) else "?"

@@ -354,6 +354,12 @@ def apply_result(request: RegistrationRequest, displacement, grid: Grid, jacobia
     return RegistrationNodes(transform_node, jacobian_node, warped_node, dict(summary))
 
 
+def show_result(fixedNode, nodes: RegistrationNodes, opacity: float = 0.4) -> None:
+    """Show the Jacobian map over the fixed volume in every slice view of the scene."""
+    slicer.util.setSliceViewerLayers(background=fixedNode, foreground=nodes.jacobianVolumeNode,
+                                     foregroundOpacity=opacity)
+
+
 def load_cli_result(request: RegistrationRequest, out_dir) -> RegistrationNodes:
     """Bring the files written by ``liquidreg register -o out_dir`` into the scene."""
     out_dir = Path(out_dir)

@@ -195,6 +195,12 @@ def test_transform_node_reproduces_displacement(workdir):
     error = np.abs(itk_transform_points(path, inside) - expected_map(inside)).max()
     assert error < 1e-3, f"the transform written by Slicer reads back {error} mm off in SimpleITK"
 
+    view = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    logic.show_result(fixed, nodes)
+    assert view.GetBackgroundVolumeID() == fixed.GetID()
+    assert view.GetForegroundVolumeID() == nodes.jacobianVolumeNode.GetID()
+    assert 0 < view.GetForegroundOpacity() < 1
+
 
 def test_outputs_updated_in_place(workdir):
     """Selected output nodes keep their identity, run after run; the user's nodes all stay."""
