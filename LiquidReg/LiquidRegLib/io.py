@@ -388,21 +388,23 @@ def save_result(result, out_dir, *, png: bool = True, fixed: Volume | None = Non
                          "writable location") from None
     staging = Path(tempfile.mkdtemp(prefix=".liquidreg-staging-", dir=out_dir))
     staged = {k: staging / name for k, name in RESULT_FILES.items()}
-    jobs = {
-        "warp": lambda: write_displacement(staged["warp"], result.displacement, result.fixed_grid),
+    # Longest jobs first so the threads finish together.
+    jobs = {"warp": lambda: write_displacement(staged["warp"], result.displacement,
+                                               result.fixed_grid)}
+    if png:
+        jobs["overview"] = lambda: _render_overview(staged["overview"], result, fixed, moving)
+    jobs.update({
         "inverse_warp": lambda: write_displacement(staged["inverse_warp"],
                                                    result.inverse_displacement, result.moving_grid),
         "warped": lambda: write_volume(staged["warped"], result.warped, result.fixed_grid),
         "jacobian": lambda: write_volume(staged["jacobian"], result.jacobian, result.fixed_grid),
         "summary": lambda: write_json(staged["summary"], _summary(result)),
-    }
-    if png:
-        jobs["overview"] = lambda: _render_overview(staged["overview"], result, fixed, moving)
+    })
     start = time.perf_counter()
-    report(progress, "write", 0, len(jobs), "writing results")
     pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="liquidreg-write")
     moved = []
     try:
+        report(progress, "write", 0, len(jobs), "writing results")
         futures = [pool.submit(job) for job in jobs.values()]
         for done, future in enumerate(futures, 1):
             future.result()
