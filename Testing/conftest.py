@@ -1,4 +1,6 @@
-"""Shared fixtures: grids with awkward geometry, synthetic images defined in world space, a CLI runner.
+"""Shared test material: grids with awkward geometry, synthetic images defined in world space
+(``from conftest import build_grid, world_image, world_labels``), a CLI runner and stand-ins for
+the engine.
 
 Images are functions of RAS world coordinates (not of voxel indices), so the same anatomy appears
 at the same place whatever a file's orientation, spacing or field of view: resampling between
@@ -81,16 +83,6 @@ def world_labels(grid: Grid, center_ras, radius: float) -> np.ndarray:
     inside = x ** 2 + y ** 2 + z ** 2 <= radius ** 2
     octant = 1 + (x > 0) + 2 * (y > 0) + 4 * (z > 0)
     return np.where(inside, octant, 0).astype(np.int16)
-
-
-@pytest.fixture
-def make_world_image():
-    return world_image
-
-
-@pytest.fixture
-def make_world_labels():
-    return world_labels
 
 
 @pytest.fixture
