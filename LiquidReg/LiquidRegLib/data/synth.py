@@ -125,7 +125,7 @@ def random_label_means(generator: torch.Generator, max_id: int,
 def synthesize(labels: torch.Tensor, generator: torch.Generator,
                config: SynthConfig = SynthConfig(),
                label_means: torch.Tensor | None = None) -> torch.Tensor:
-    """A random-contrast image (N, 1, I, J, K) float32 in [0, 1] from integer labels (N, 1, I, J, K).
+    """A random-contrast image (N, 1, I, J, K), float32 in [0, 1], from integer labels (same shape).
 
     Each label (background included) gets its own random mean and texture, per sample; pass
     ``label_means`` (from :func:`random_label_means`) to give two images the same contrast.

@@ -54,7 +54,8 @@ def crop_grid(grid: Grid, mask: np.ndarray, margin: int) -> tuple[Grid, tuple[sl
     hi = np.minimum(where.max(0) + margin + 1, grid.shape)
     shift = np.eye(4)
     shift[:3, 3] = lo
-    return Grid(tuple((hi - lo).tolist()), grid.affine @ shift), tuple(slice(a, b) for a, b in zip(lo, hi))
+    window = tuple(slice(a, b) for a, b in zip(lo, hi))
+    return Grid(tuple((hi - lo).tolist()), grid.affine @ shift), window
 
 
 def to_standard(arrays: dict, grid: Grid, crop_mask_key: str, margin: int = 4,
