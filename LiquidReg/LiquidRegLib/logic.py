@@ -34,7 +34,7 @@ from vtk.util import numpy_support
 
 from . import validate
 from .errors import InputError
-from .grid import Grid
+from .grid import GeometryError, Grid
 from .io import RESULT_FILES, Volume, read_displacement, read_volume, write_volume
 
 DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
@@ -97,7 +97,12 @@ def volume_from_node(node, name: str, *, node_to_frame=None, labels: bool = Fals
     kji = slicer.util.arrayFromVolume(node)
     dtype = kji.dtype if labels and np.issubdtype(kji.dtype, np.integer) else np.float32
     array = np.ascontiguousarray(kji.transpose(2, 1, 0), dtype=dtype)
-    return Volume(array, Grid(array.shape, affine), f"{name} volume '{node.GetName()}'")
+    try:
+        grid = Grid(array.shape, affine)
+    except GeometryError as error:
+        raise InputError(f"the {name} volume '{node.GetName()}' has unusable geometry ({error}); "
+                         "fix its spacing and directions in the Volumes module") from None
+    return Volume(array, grid, f"{name} volume '{node.GetName()}'")
 
 
 def read_volume_node(path, name: str | None = None, *, labels: bool = False):
@@ -264,7 +269,7 @@ def _check_outputs(request: RegistrationRequest) -> None:
         if not transform.IsA("vtkMRMLTransformNode"):
             raise InputError(f"the output transform {_name(transform)} is not a transform node; "
                              "choose a transform or leave it empty to create one")
-        for in_name in ("fixed volume", "fixed mask", "moving mask"):
+        for in_name in ("fixed volume", "fixed mask"):
             node = inputs[in_name]
             if node is not None and node.GetParentTransformNode() is transform:
                 raise InputError(f"the {in_name} {_name(node)} is under the output transform "
@@ -281,13 +286,14 @@ def read_request(request: RegistrationRequest) -> RegistrationInputs:
                          "choose two different volumes")
     _check_outputs(request)
     # The moving volume is read in its own frame; its parent transform (unless it is the one
-    # being recomputed) is the user's pre-alignment and becomes the initial affine.
-    moving_parent = moving_node.GetParentTransformNode()
-    if moving_parent is not None and moving_parent is request.transformNode:
-        moving_to_world = np.eye(4)
-    else:
-        moving_to_world = node_to_world(moving_node, "moving")
-    world_to_moving = np.linalg.inv(moving_to_world)
+    # being recomputed, from an earlier run) is the user's pre-alignment: the initial affine.
+    def to_world(node, name):
+        recomputed = request.transformNode is not None
+        if recomputed and node.GetParentTransformNode() is request.transformNode:
+            return np.eye(4)
+        return node_to_world(node, name)
+
+    world_to_moving = np.linalg.inv(to_world(moving_node, "moving"))
 
     fixed = volume_from_node(fixed_node, "fixed")
     moving = volume_from_node(moving_node, "moving", node_to_frame=np.eye(4))
@@ -298,7 +304,7 @@ def read_request(request: RegistrationRequest) -> RegistrationInputs:
         fixed_mask = volume_from_node(request.fixedMaskNode, "fixed mask", labels=True)
         validate.check_mask(fixed_mask, fixed, fixed_mask.name)
     if request.movingMaskNode is not None:
-        mask_to_world = node_to_world(request.movingMaskNode, "moving mask")
+        mask_to_world = to_world(request.movingMaskNode, "moving mask")
         moving_mask = volume_from_node(request.movingMaskNode, "moving mask", labels=True,
                                        node_to_frame=world_to_moving @ mask_to_world)
         validate.check_mask(moving_mask, moving, moving_mask.name)
