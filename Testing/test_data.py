@@ -112,6 +112,19 @@ def test_compact_relabelling():
     assert L.compact(labels, [17, 1024], "dk").tolist() == [0, 0, 2, 1, 0, 0, 0]
 
 
+def test_brain_region_fills_a_ribbon_that_is_open_at_the_base():
+    """Donor maps are a cortex ribbon open underneath; the region must still hold the interior."""
+    from LiquidRegLib.data.propagate import brain_region
+
+    i, j, k = np.meshgrid(*[np.arange(40)] * 3, indexing="ij")
+    r = np.sqrt((i - 20) ** 2 + (j - 20) ** 2 + (k - 20) ** 2)
+    ribbon = ((r > 14) & (r < 17) & (k > 8)).astype(np.int16) * 3  # bowl, open below k = 8
+    region = brain_region(ribbon)
+    assert region[20, 20, 20] and region[20, 20, 12] and region[ribbon > 0].all()
+    assert not region[2, 2, 2] and not region[20, 20, 39]
+    assert region.sum() < (r < 17.5).sum()
+
+
 # ---- synthesis -------------------------------------------------------------------------------
 def test_synthesis_is_deterministic_varies_with_seed_and_stays_in_range():
     labels = as_batch(toy_brain())

@@ -44,13 +44,22 @@ def _label_image(labels: np.ndarray, interior: np.ndarray | None = None,
 
 
 def brain_region(labels: np.ndarray, radius: int = 6) -> np.ndarray:
-    """The labelled voxels closed with a ball and hole-filled: cortex ribbon -> whole cerebrum."""
+    """The labelled voxels closed with a ball and hole-filled: cortex ribbon -> whole cerebrum.
+
+    Holes are also filled slice by slice along each axis, because the ribbon is open at the
+    base of the brain, so a 3-D fill alone leaves the white matter connected to the outside.
+    """
     ball = ndimage.generate_binary_structure(3, 1)
     ball = ndimage.iterate_structure(ball, radius)
     padded = np.pad(labels > 0, radius + 1)
     closed = ndimage.binary_closing(padded, ball)
-    closed = closed[tuple(slice(radius + 1, -(radius + 1)) for _ in range(3))]
-    return ndimage.binary_fill_holes(closed | (labels > 0))
+    closed = closed[tuple(slice(radius + 1, -(radius + 1)) for _ in range(3))] | (labels > 0)
+    region = ndimage.binary_fill_holes(closed)
+    for axis in range(3):
+        moved = np.moveaxis(closed, axis, 0)
+        filled = np.stack([ndimage.binary_fill_holes(plane) for plane in moved])
+        region |= np.moveaxis(filled, 0, axis)
+    return region
 
 
 def _to_ants(array: np.ndarray, grid: Grid):
@@ -83,12 +92,14 @@ def complete_labels(donor: np.ndarray, donor_grid: Grid, atlas: np.ndarray, atla
     empty = out == 0
     take = empty & np.isin(warped, PROPAGATED)
     out[take] = warped[take]
-    # Inside the donor's brain but where the atlas puts grey matter the donor does not have:
-    # sulcal CSF between the donor's gyri, white matter around its deep nuclei.
+    # Inside the donor's brain where the atlas has nothing to give (grey matter the donor does
+    # not have, or misregistration): within 2 mm of the donor's cortex it is sulcal CSF, deeper
+    # it is white matter of that hemisphere.
     rest = empty & ~take & (region | (warped > 0))
     x_left = donor_grid.ras_coordinates()[..., 0].numpy() < 0
     wm = np.where(x_left, 2, 41).astype(np.int16)
-    cortexlike = L.to_level(warped, "coarse")
-    near_cortex = np.isin(cortexlike[rest], (L.LEFT_CORTEX, L.RIGHT_CORTEX, 0))
-    out[rest] = np.where(near_cortex, 24, wm[rest])
+    cortex = L.to_level(donor, "coarse")
+    cortex = (cortex == L.LEFT_CORTEX) | (cortex == L.RIGHT_CORTEX)
+    from_cortex = ndimage.distance_transform_edt(~cortex, sampling=donor_grid.spacing)
+    out[rest] = np.where(from_cortex[rest] <= 2.0, 24, wm[rest])
     return out
