@@ -111,5 +111,19 @@ def fetch_all(out, cache=None, only=None, force=False, log=print) -> dict:
         _write_manifest(out, manifest)
         log(f"{name}: wrote {', '.join(manifest['subjects'][name]['files'].values())} "
             f"({subject.split}, levels {manifest['subjects'][name]['levels']})")
+    _save_licences(out, cache, log)
     _write_manifest(out, manifest)
     return manifest
+
+
+def _save_licences(out: Path, cache: Path, log) -> None:
+    """Keep each package's licence text next to the data derived from it (``licences/``)."""
+    for package in sources.PACKAGES:
+        target = out / "licences" / f"{package.name}.txt"
+        wheels = sorted(Path(cache).glob(package.wheel_prefix + "*.whl"))
+        if target.exists() or not wheels:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("\n\n".join(sources.read_text(wheels[0], member)
+                                       for member in package.licence_files))
+        log(f"licence of {package.requirement} -> {target}")
