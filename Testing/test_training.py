@@ -201,3 +201,23 @@ def test_ddp_two_cpu_processes_keep_replicas_identical(tmp_path):
     assert any(not torch.equal(a[k], init[k]) for k in a), "training did not change the weights"
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_finetune_writes_new_weights_and_never_the_shipped_ones(tmp_path):
+    sample = Path(__file__).resolve().parents[1] / "Resources" / "Sample"
+    start = tmp_path / "start.pt"
+    checkpoint.save_weights(start, small_model())
+    pair = (sample / "fixed_t1.nii.gz", sample / "moving_t1.nii.gz",
+            sample / "fixed_labels.nii.gz", sample / "moving_labels.nii.gz")
+    with pytest.raises(Exception, match="shipped weights"):
+        train.finetune([pair], checkpoint.DEFAULT_WEIGHTS, steps=1, weights=start, device="cpu")
+    events = []
+    summary = train.finetune([pair], tmp_path / "tuned.pt", steps=2, weights=start, device="cpu",
+                             progress=events.append)
+    assert summary["steps"] == 2 and summary["skipped"] == 0
+    tuned, info = checkpoint.load_model(tmp_path / "tuned.pt")
+    assert info["meta"]["finetuned_from"]["sha256"] == checkpoint.load(start, "weights")[1]
+    original = small_model().state_dict()
+    assert any(not torch.equal(v, original[k]) for k, v in tuned.state_dict().items())
+    assert {e.stage for e in events} >= {"prepare", "finetune"}
+    assert any("dice" in e.metrics for e in events if e.stage == "finetune")

@@ -24,20 +24,7 @@ import torch
 from LiquidRegLib import checkpoint, train
 from LiquidRegLib.data.pairs import PairSampler
 from LiquidRegLib.model import LiquidReg, ModelConfig
-from LiquidRegLib.register import resolve_device
-
-
-def keep_random_labels(batch: dict, k: int, generator: torch.Generator) -> dict:
-    """Keep ``k`` random labels (relabelled 1..k, the rest background): an unbiased, cheap
-    estimate of the mean Dice over all shared labels, whose one-hot maps would not fit a CPU."""
-    n = int(batch["num_labels"]) - 1
-    if n <= k:
-        return batch
-    keep = torch.randperm(n, generator=generator)[:k] + 1
-    table = torch.zeros(n + 1, dtype=torch.long)
-    table[keep] = torch.arange(1, k + 1)
-    return dict(batch, fixed_labels=table[batch["fixed_labels"]],
-                moving_labels=table[batch["moving_labels"]], num_labels=k + 1)
+from LiquidRegLib.devices import resolve_device
 
 
 def main(argv=None) -> int:
@@ -80,7 +67,8 @@ def main(argv=None) -> int:
 
     def batch_for_step(step: int) -> dict:
         generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 97 + rank)
-        return keep_random_labels(sampler.sample(generator), args.labels_per_step, generator)
+        return train.keep_random_labels(sampler.sample(generator), args.labels_per_step,
+                                        generator)
 
     curve_path = out / "curve.csv"
     fields = ["step", "loss", "dice", "lncc", "smooth", "fold", "grad_norm", "skipped", "clipped",

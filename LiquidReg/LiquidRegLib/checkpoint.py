@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,21 +28,15 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_WEIGHTS = _REPO_ROOT / "Resources" / "Weights" / f"{MODEL_NAME}_v{MODEL_VERSION}.pt"
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+def _write_durably(path, data: bytes) -> None:
+    """Atomic (temp file + rename, via io.atomic_output) and fsync'ed before the rename."""
+    from .io import atomic_output
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save(path, content: dict, kind: str) -> str:
@@ -55,7 +48,7 @@ def save(path, content: dict, kind: str) -> str:
     envelope = io.BytesIO()
     torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
                 "sha256": digest, "payload": payload}, envelope)
-    atomic_write_bytes(path, envelope.getvalue())
+    _write_durably(path, envelope.getvalue())
     return digest
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import checkpoint, diffeo, losses, train, validate
+from . import checkpoint, diffeo, losses, metrics, train, validate
+from .devices import resolve_device
 from .errors import InputError
 from .grid import Grid, mapped_voxels, sample, voxel_to_world
 from .preprocess import to_working, working_grid
@@ -30,28 +31,6 @@ class RegistrationResult:
     warped: np.ndarray                # moving resampled on the fixed grid
     affine: np.ndarray                # 4x4 RAS, fixed point -> moving point
     summary: dict = field(default_factory=dict)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" picks CUDA when available; asking for CUDA without one is a clear error."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was requested but no CUDA GPU is available to PyTorch; "
-                         "use --device cpu (or auto), or install a CUDA build of PyTorch")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
-
-
-def jacobian_statistics(jacobian) -> dict:
-    """Folding (% of voxels with J <= 0) and the spread of log J over the rest."""
-    j = torch.as_tensor(jacobian).double()
-    positive = j[j > 0]
-    return {"pct_folding": float((j <= 0).double().mean() * 100),
-            "std_log_jacobian": float(positive.log().std()) if positive.numel() > 1 else 0.0,
-            "jacobian_min": float(j.min()), "jacobian_max": float(j.max())}
 
 
 def _similarity(pair, moving=None) -> float:
@@ -120,7 +99,7 @@ def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool 
         identity_pair = to_working(fixed, moving, np.eye(4), wgrid, device=result_dev)
         sim_before = _similarity(identity_pair)
     timings["total"] = round(time.perf_counter() - started, 3)
-    stats = jacobian_statistics(out["jacobian"])
+    stats = metrics.jacobian_stats(out["jacobian"])
     summary = {
         "device": str(result_dev),
         "model": {k: info[k] for k in ("name", "version", "sha256", "path")},
@@ -128,7 +107,9 @@ def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool 
         "affine": bool(affine),
         "working_grid": {"shape": list(wgrid.shape), "spacing_mm": float(wgrid.spacing[0])},
         "timings_s": timings,
-        **stats,
+        "pct_folding": stats["pct_folding"],
+        "std_log_jac": stats["std_log_jac"],
+        "jacobian": stats,
         "similarity": {"metric": "mean local NCC (7^3 window, working grid)",
                        "before": sim_before, "after_affine": _similarity(pair),
                        "after": sim_after},

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint, diffeo, losses
+from . import checkpoint, diffeo, losses, validate
 from .errors import InputError, TrainingDiverged
 from .progress import CancelFn, ProgressFn, check, report
 
@@ -258,6 +258,108 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
     save_checkpoint()
     core.eval()
     return state
+
+
+# ---- labels ----------------------------------------------------------------------------------
+def keep_random_labels(batch: dict, k: int, generator: torch.Generator) -> dict:
+    """Keep ``k`` random labels (relabelled 1..k, the rest background): an unbiased, cheap
+    estimate of the mean Dice over all shared labels, whose one-hot maps would not fit a CPU."""
+    n = int(batch.get("num_labels", 0)) - 1
+    if batch.get("fixed_labels") is None or n <= k:
+        return batch
+    keep = torch.randperm(n, generator=generator)[:k] + 1
+    table = torch.zeros(n + 1, dtype=torch.long, device=batch["fixed_labels"].device)
+    table[keep.to(table.device)] = torch.arange(1, k + 1, device=table.device)
+    return dict(batch, fixed_labels=table[batch["fixed_labels"]],
+                moving_labels=table[batch["moving_labels"]], num_labels=k + 1)
+
+
+def compact_labels(fixed_labels: np.ndarray, moving_labels: np.ndarray):
+    """Relabel two label maps to 0..K over the labels they share (others become background)."""
+    shared = np.intersect1d(np.unique(fixed_labels[fixed_labels > 0]),
+                            np.unique(moving_labels[moving_labels > 0]))
+    if shared.size == 0:
+        raise InputError("the fixed and moving label maps share no label; pass label maps that use "
+                         "the same label numbers, or leave them out")
+
+    def relabel(a):
+        out = np.zeros(a.shape, dtype=np.int64)
+        out[np.isin(a, shared)] = np.searchsorted(shared, a[np.isin(a, shared)]) + 1
+        return out
+    return relabel(fixed_labels), relabel(moving_labels), int(shared.size) + 1
+
+
+# ---- fine-tuning (liquidreg finetune, Slicer Fine-tune) -------------------------------------
+FINETUNE_LABELS_PER_STEP = 12
+
+
+def _prepare_pair(spec, model, device) -> dict:
+    """Read, affinely align and bring one PairSpec onto the network's working grid."""
+    from .affine import affine_register
+    from .grid import resample
+    from .io import read_volume
+    from .preprocess import to_working, working_grid
+
+    fixed_path, moving_path, fixed_labels_path, moving_labels_path = (list(spec) + [None] * 4)[:4]
+    fixed, moving = read_volume(fixed_path), read_volume(moving_path)
+    validate.check_image(fixed, "fixed")
+    validate.check_image(moving, "moving")
+    world_map = affine_register(fixed, moving, device=device)
+    grid = working_grid(fixed.grid, model.config.working_spacing, model.config.divisor)
+    pair = to_working(fixed, moving, world_map, grid, device=device)
+    batch = {"fixed": pair.fixed, "moving": pair.moving}
+    if fixed_labels_path and moving_labels_path:
+        fl = read_volume(fixed_labels_path, dtype=None)
+        ml = read_volume(moving_labels_path, dtype=None)
+        f = resample(fl.array, fl.grid, grid, order="nearest")
+        m = resample(ml.array, ml.grid, grid, world_map=world_map, order="nearest")
+        f, m, k = compact_labels(f, m)
+        batch.update(fixed_labels=torch.as_tensor(f, device=device)[None, None],
+                     moving_labels=torch.as_tensor(m, device=device)[None, None], num_labels=k)
+    return batch
+
+
+def finetune(pairs: Sequence, output, *, steps: int = 200, weights=None, device="auto",
+             lr: float = 1e-4, progress=None, cancel=None) -> dict:
+    """Fine-tune the network on a user's pairs and save new weights to ``output``.
+
+    Each pair is ``(fixed, moving[, fixed_labels, moving_labels])`` (paths).  The loss is LNCC
+    (same-contrast pairs), plus Dice where labels are given.  The shipped weights are never
+    overwritten; cancelling writes nothing.
+    """
+    from .devices import resolve_device
+
+    output = Path(output)
+    if output.resolve() == checkpoint.DEFAULT_WEIGHTS.resolve():
+        raise InputError("refusing to overwrite the shipped weights; choose another output file "
+                         "with -o")
+    if not pairs:
+        raise InputError("no pairs to fine-tune on; give --pairs CSV or --images DIR with 2+ images")
+    if steps < 1:
+        raise InputError(f"--steps must be at least 1, not {steps}")
+    dev = resolve_device(device)
+    model, info = checkpoint.load_model(weights, dev)
+    batches = []
+    for index, spec in enumerate(pairs):
+        check(cancel)
+        report(progress, "prepare", index, len(pairs), f"aligning pair {index + 1}/{len(pairs)}")
+        batches.append(_prepare_pair(spec, model, dev))
+    report(progress, "prepare", len(pairs), len(pairs))
+
+    def batch_for_step(step):
+        generator = torch.Generator().manual_seed(step)
+        return keep_random_labels(batches[step % len(batches)], FINETUNE_LABELS_PER_STEP, generator)
+
+    config = TrainConfig(steps=steps, lr=lr, checkpoint_every=0)
+    state = run(model, batch_for_step, config, device=dev, progress=progress, cancel=cancel,
+                stage="finetune")
+    meta = {"finetuned_from": {k: info[k] for k in ("name", "version", "sha256")},
+            "pairs": [[str(p) if p else None for p in spec] for spec in pairs],
+            "train_config": config.to_dict(), "skipped_steps": state.skipped}
+    digest = checkpoint.save_weights(output, model, meta)
+    return {"output": str(output), "sha256": digest, "steps": state.step,
+            "skipped": state.skipped, "clipped": state.clipped,
+            "final_loss": state.history[-1][1] if state.history else None}
 
 
 # ---- instance optimisation (register --iterations N) ---------------------------------------
