@@ -152,6 +152,24 @@ def test_synthesis_preserves_label_structure():
     assert np.mean(ratios) > 0.6, ratios
 
 
+def test_resolution_loss_does_not_shift_the_image_against_its_labels():
+    from LiquidRegLib.data.synth import lose_resolution
+
+    blob = torch.zeros(1, 1, 36, 40, 44)
+    blob[:, :, 9:14, 22:30, 25:31] = 1.0
+    axes = torch.arange(36.0), torch.arange(40.0), torch.arange(44.0)
+
+    def centroid(v):
+        return [float((v[0, 0].sum(dims) * ax).sum() / v.sum())
+                for dims, ax in zip(((1, 2), (0, 2), (0, 1)), axes)]
+
+    before = centroid(blob)
+    config = SynthConfig(resolution_loss_prob=1.0, resolution_factor_max=4.0)
+    for seed in range(12):  # uneven pooling bins move it by < 0.3 voxel; a half-slice shift is more
+        after = centroid(lose_resolution(blob, torch.Generator().manual_seed(seed), config))
+        assert np.allclose(after, before, atol=0.35), (seed, before, after)
+
+
 def test_shared_contrast_gives_equal_means_and_batch_items_differ():
     from LiquidRegLib.data.synth import random_label_means
 

@@ -77,7 +77,8 @@ def bias_field(shape, generator, config: SynthConfig, device) -> torch.Tensor:
 
 
 def lose_resolution(volume: torch.Tensor, generator, config: SynthConfig) -> torch.Tensor:
-    """Down- then up-sample along one random axis (thick-slice acquisitions)."""
+    """Average into thick slices along one random axis, then interpolate back (thick-slice
+    acquisitions: each slice integrates its whole thickness, so average rather than subsample)."""
     if not _coin(generator, config.resolution_loss_prob):
         return volume
     axis = int(torch.randint(0, 3, (1,), generator=generator, device=generator.device)[0])
@@ -85,8 +86,10 @@ def lose_resolution(volume: torch.Tensor, generator, config: SynthConfig) -> tor
     size = list(volume.shape[2:])
     low = list(size)
     low[axis] = max(2, int(round(size[axis] / factor)))
-    small = F.interpolate(volume, size=tuple(low), mode="trilinear", align_corners=True)
-    return F.interpolate(small, size=tuple(size), mode="trilinear", align_corners=True)
+    small = F.adaptive_avg_pool3d(volume, tuple(low))
+    # align_corners=False puts each thick slice at the centre of the voxels it averaged, so the
+    # image does not shift against its labels.
+    return F.interpolate(small, size=tuple(size), mode="trilinear", align_corners=False)
 
 
 def add_noise(volume: torch.Tensor, generator, config: SynthConfig) -> torch.Tensor:
