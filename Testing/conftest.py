@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +145,29 @@ def fake_engine(monkeypatch):
     install("register", "register", fake_register)
     install("train", "finetune", fake_finetune)
     return calls
+
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Sample"
+
+
+def small_brain(kind: str, extent_mm=(112, 128, 112), spacing=2.0):
+    """The bundled sample's ``kind`` ("fixed"/"moving") T1 and labels, cropped around the brain
+    centre and resampled at ``spacing`` mm: a real brain small enough for fast engine tests."""
+    from LiquidRegLib import io
+    from LiquidRegLib.grid import resample
+
+    t1 = io.read_volume(SAMPLE_DIR / f"{kind}_t1.nii.gz")
+    labels = io.read_volume(SAMPLE_DIR / f"{kind}_labels.nii.gz", dtype=None)
+    centre = t1.grid.voxel_to_ras(np.argwhere(labels.array > 0).mean(axis=0))
+    shape = tuple(int(round(e / spacing)) for e in extent_mm)
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = centre - spacing * (np.array(shape) - 1) / 2
+    grid = Grid(shape, affine)
+    return (io.Volume(resample(t1.array, t1.grid, grid), grid),
+            io.Volume(resample(labels.array, labels.grid, grid, order="nearest"), grid))
+
+
+@pytest.fixture(scope="session")
+def small_brain_pair():
+    """(fixed_t1, fixed_labels, moving_t1, moving_labels) as io.Volume, 2 mm, cropped."""
+    return small_brain("fixed") + small_brain("moving")

@@ -203,12 +203,14 @@ def test_ddp_two_cpu_processes_keep_replicas_identical(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_finetune_writes_new_weights_and_never_the_shipped_ones(tmp_path):
-    sample = Path(__file__).resolve().parents[1] / "Resources" / "Sample"
+def test_finetune_writes_new_weights_and_never_the_shipped_ones(tmp_path, small_brain_pair):
+    from LiquidRegLib import io
     start = tmp_path / "start.pt"
     checkpoint.save_weights(start, small_model())
-    pair = (sample / "fixed_t1.nii.gz", sample / "moving_t1.nii.gz",
-            sample / "fixed_labels.nii.gz", sample / "moving_labels.nii.gz")
+    pair = tuple(tmp_path / f"{n}.nii.gz" for n in ("f", "m", "fl", "ml"))
+    for path, volume in zip(pair, (small_brain_pair[0], small_brain_pair[2],
+                                   small_brain_pair[1], small_brain_pair[3])):
+        io.write_volume(path, volume.array, volume.grid)
     with pytest.raises(Exception, match="shipped weights"):
         train.finetune([pair], checkpoint.DEFAULT_WEIGHTS, steps=1, weights=start, device="cpu")
     events = []
