@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,14 +30,19 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .grid import Grid, identity_voxels, resample, sample, voxel_to_world
+from .grid import Grid, identity_voxels, sample, voxel_to_world
 from .progress import check, report
+from .validate import mask_on_grid
 
 LEVELS_MM = (8.0, 4.0, 2.0)     # coarse to fine
-ITERATIONS = (80, 50, 30)       # Adam steps per level
+ITERATIONS = (40, 30, 30)       # Adam steps per level
+SCREEN_ITERATIONS = 40          # coarse-level steps each start candidate gets before the choice
+SCREEN_POINTS = 4000            # ... on this many points
 LEARNING_RATE_MM = (3.0, 1.5, 0.75)
 FINAL_LR_FRACTION = 0.1         # exponential decay within a level: big moves first, then settle
-MAX_POINTS = 20000              # fixed points per level (a regular subsample beyond that)
+ADAM_BETAS = (0.9, 0.999)
+MAX_POINTS = 15000              # fixed points per level (a fixed random subset beyond that)
+MIN_POINTS = 32                 # fewer fixed or moving points than this: nothing to align
 BINS = 32
 MAX_START_ANGLE_DEG = 50.0
 START_CANDIDATES = 3            # principal-axes rotations tried besides the pure translation
@@ -47,7 +53,7 @@ class _Level:
     """One pyramid level of one image: intensities in [0, 1], an optional mask, and its grid."""
 
     image: torch.Tensor            # (1, 1, I, J, K)
-    mask: torch.Tensor | None      # (I, J, K) bool
+    mask: torch.Tensor | None      # (1, 1, I, J, K) float, 1 where at least half the block is in
     grid: Grid
 
 
@@ -64,24 +70,46 @@ def affine_register(fixed, moving, *, initial=None, fixed_mask=None, moving_mask
     fixed_levels = _pyramid(fixed, fixed_mask, device, "fixed")
     moving_levels = _pyramid(moving, moving_mask, device, "moving")
 
-    points = [_fixed_points(level) for level in fixed_levels]
+    points = [_level_points(level, MAX_POINTS, jitter=True) for level in fixed_levels]
+    for spacing, (positions, _) in zip(LEVELS_MM, points):
+        if len(positions) < MIN_POINTS:
+            raise _too_little("fixed", spacing)
     centre, radius = _centre_and_radius(*points[1])
     candidates = [start] if start is not None else _start_candidates(points[1], moving_levels[1])
 
     n_levels = len(LEVELS_MM)
-    best = None
-    for index in range(n_levels):
-        report(progress, "affine", index, n_levels, f"{LEVELS_MM[index]:g} mm")
-        iterations = ITERATIONS[index] // (2 if index == 0 and len(candidates) > 1 else 1)
-        results = [_optimise(points[index], moving_levels[index], a0, centre, radius,
-                             iterations, LEARNING_RATE_MM[index], cancel)
-                   for a0 in (candidates if best is None else [best])]
-        best, loss = min(results, key=lambda r: r[1])
-        if index == 0 and len(candidates) > 1:  # finish the coarse level for the winner
-            best, loss = _optimise(points[0], moving_levels[0], best, centre, radius,
-                                   ITERATIONS[0] - iterations, LEARNING_RATE_MM[0], cancel)
+    with _one_thread():
+        if len(candidates) > 1:
+            report(progress, "affine", 0, n_levels,
+                   f"choosing among {len(candidates)} starting poses")
+            subset = tuple(p[:: max(1, len(p) // SCREEN_POINTS)] for p in points[0])
+            screened = [_optimise(subset, moving_levels[0], a0, centre, radius,
+                                  SCREEN_ITERATIONS, LEARNING_RATE_MM[0], cancel)
+                        for a0 in candidates]
+            candidates = [min(screened, key=lambda result: result[1])[0]]
+        best = candidates[0]
+        for index in range(n_levels):
+            report(progress, "affine", index, n_levels, f"{LEVELS_MM[index]:g} mm")
+            best, loss = _optimise(points[index], moving_levels[index], best, centre, radius,
+                                   ITERATIONS[index], LEARNING_RATE_MM[index], cancel)
     report(progress, "affine", n_levels, n_levels, "done", mutual_information=-loss)
     return best
+
+
+@contextmanager
+def _one_thread():
+    """Run the iterations on one CPU thread, restoring the caller's setting afterwards.
+
+    Each step works on ~15k points: handing such small ops to a second thread saves little, and
+    when the machine is busy a descheduled helper thread stalls every op (measured 3-4x slower
+    on a loaded 2-core machine).  The pyramid, which touches whole volumes, keeps all threads.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -102,27 +130,25 @@ def _image_tensor(volume, name: str, device) -> torch.Tensor:
 
 
 def _mask_tensor(mask, image_grid: Grid, name: str, device) -> torch.Tensor | None:
-    """The mask as float (1, 1, I, J, K) on the image's grid (resampled if it has its own)."""
+    """The mask as float (1, 1, I, J, K) on its image's grid (resampled if it has its own grid)."""
     if mask is None:
         return None
     if hasattr(mask, "grid"):
-        array = np.asarray(mask.array)
-        if mask.grid != image_grid:
-            array = resample((array > 0).astype(np.uint8), mask.grid, image_grid, order="nearest")
+        array = mask_on_grid(mask, image_grid)
     else:
-        array = np.asarray(mask)
+        array = np.asarray(mask) > 0
         if array.shape != image_grid.shape:
             raise InputError(f"{name} mask has shape {array.shape} but its image has "
                              f"{image_grid.shape}; fix: pass a mask on the image's grid")
-    tensor = torch.from_numpy(np.ascontiguousarray(array > 0)).to(device, torch.float32)
-    if not tensor.any():
-        raise InputError(f"{name} mask is empty (or does not overlap its image); "
-                         "fix: pass a mask with foreground voxels, or no mask")
-    return tensor[None, None]
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device, torch.float32)[None, None]
 
 
 def _pyramid(volume, mask, device, name: str) -> list[_Level]:
-    """Box-averaged levels at about LEVELS_MM, coarse to fine, intensities scaled to [0, 1]."""
+    """Box-averaged levels at about LEVELS_MM, coarse to fine, intensities scaled to [0, 1].
+
+    With a mask, each block is the average of its voxels inside the mask only, so whatever the
+    mask leaves out (an artefact, a lesion) does not bleed into the blocks along its border.
+    """
     image = _image_tensor(volume, name, device)
     weight = _mask_tensor(mask, volume.grid, name, device)
     grid = volume.grid
@@ -130,11 +156,17 @@ def _pyramid(volume, mask, device, name: str) -> list[_Level]:
     for spacing in sorted(LEVELS_MM):
         factors = [max(1, int(spacing / s + 0.5)) for s in grid.spacing]
         if max(factors) > 1:
-            image = F.avg_pool3d(image, factors, factors, ceil_mode=True)
-            weight = None if weight is None else F.avg_pool3d(weight, factors, factors,
-                                                              ceil_mode=True)
+            if weight is None:
+                image = F.avg_pool3d(image, factors, factors, ceil_mode=True)
+            else:
+                total = F.avg_pool3d(image * weight, factors, factors, ceil_mode=True)
+                weight = F.avg_pool3d(weight, factors, factors, ceil_mode=True)
+                image = torch.where(weight > 0, total / weight.clamp(min=1e-6), 0.0)
             grid = _pooled_grid(grid, factors)
-        levels.append(_Level(image, None if weight is None else weight[0, 0] >= 0.5, grid))
+        mask_level = None if weight is None else (weight >= 0.5).float()
+        if mask_level is not None and int(mask_level.sum()) < MIN_POINTS:
+            raise _too_little(name, spacing)
+        levels.append(_Level(image, mask_level, grid))
     if not torch.isfinite(levels[0].image).all():  # averaging keeps NaN/Inf: check the small copy
         raise InputError(f"{name} image contains NaN or infinite values; "
                          "fix: replace them (e.g. with 0) before registering")
@@ -143,6 +175,11 @@ def _pyramid(volume, mask, device, name: str) -> list[_Level]:
     for level in levels:
         level.image = ((level.image - lo) / (hi - lo)).clamp(0.0, 1.0)
     return levels
+
+
+def _too_little(name: str, spacing: float) -> InputError:
+    return InputError(f"{name} mask covers too little of its image to align at {spacing:g} mm; "
+                      "fix: pass a larger mask (e.g. the whole brain) or none")
 
 
 def _pooled_grid(grid: Grid, factors) -> Grid:
@@ -155,7 +192,7 @@ def _pooled_grid(grid: Grid, factors) -> Grid:
 
 def _intensity_range(level: _Level, name: str) -> tuple[float, float]:
     values = level.image[0, 0]
-    values = values[level.mask] if level.mask is not None else values.flatten()
+    values = values[level.mask[0, 0] > 0] if level.mask is not None else values.flatten()
     lo, hi = torch.quantile(values.float(), torch.tensor([0.005, 0.995], device=values.device))
     if not hi > lo:
         raise InputError(f"{name} image is constant; fix: check that the right file was loaded")
@@ -163,19 +200,41 @@ def _intensity_range(level: _Level, name: str) -> tuple[float, float]:
 
 
 # ---- fixed points and moments ---------------------------------------------------------------
-def _fixed_points(level: _Level) -> tuple[torch.Tensor, torch.Tensor]:
-    """World positions (P, 3) and intensities (P,) of the fixed points of one level."""
-    voxels = identity_voxels(level.grid.shape, level.image.device)
-    values = level.image[0, 0]
+def _level_points(level: _Level, max_points: int, jitter: bool = False):
+    """World positions (P, 3) and intensities (P,) of a level's voxels (inside its mask).
+
+    Beyond ``max_points`` a fixed random subset (reproducible, stratified so it covers the image
+    evenly) is kept, in memory order so that sampling the other image stays cache-friendly.
+    ``jitter`` moves each point randomly within its voxel and reads the image there by trilinear
+    interpolation, like the moving image is read: with both sides blurred alike, the optimum of
+    MI is not pulled off the truth by the difference between "exact voxel" and "interpolated".
+    """
+    voxels = identity_voxels(level.grid.shape, level.image.device).reshape(-1, 3)
+    values = level.image.reshape(-1)
     if level.mask is not None:
-        voxels, values = voxels[level.mask], values[level.mask]
-    voxels, values = voxels.reshape(-1, 3), values.reshape(-1)
-    if len(values) > MAX_POINTS:  # a fixed random subset (reproducible), in memory order
-        generator = torch.Generator().manual_seed(0)
-        keep = torch.randperm(len(values), generator=generator)[:MAX_POINTS].sort().values
-        keep = keep.to(values.device)
+        keep = level.mask.reshape(-1) > 0
         voxels, values = voxels[keep], values[keep]
+    generator = torch.Generator().manual_seed(0)
+    if len(values) > max_points:  # one random voxel per stratum
+        stride = len(values) / max_points
+        offset = torch.rand(max_points, generator=generator, dtype=torch.float64)
+        keep = ((torch.arange(max_points, dtype=torch.float64) + offset) * stride).long()
+        voxels, values = voxels[keep.to(values.device)], values[keep.to(values.device)]
+    if jitter:
+        shift = torch.rand(voxels.shape, generator=generator) - 0.5
+        upper = torch.tensor(level.grid.shape, dtype=voxels.dtype) - 1
+        voxels = torch.minimum(torch.clamp(voxels + shift.to(voxels.device), min=0),
+                               upper.to(voxels.device))
+        values = sample(level.image, voxels[None, :, None, None])[0, 0, :, 0, 0]
+        if level.mask is not None:  # keep points read from in-mask blocks only
+            keep = _read_inside_mask(level.mask, voxels)
+            voxels, values = voxels[keep], values[keep]
     return voxel_to_world(voxels.double(), level.grid.affine).float(), values
+
+
+def _read_inside_mask(mask: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
+    """True where trilinear interpolation at ``voxels`` reads in-mask blocks only."""
+    return sample(mask, voxels[None, :, None, None])[0, 0, :, 0, 0] > 0.999
 
 
 def _otsu(values: torch.Tensor, bins: int = 64) -> float:
@@ -186,7 +245,7 @@ def _otsu(values: torch.Tensor, bins: int = 64) -> float:
     m0 = (hist * centres).cumsum(0) / w0.clamp(min=1)
     m1 = ((hist * centres).sum() - (hist * centres).cumsum(0)) / w1.clamp(min=1)
     between = w0 * w1 * (m0 - m1) ** 2
-    return float(centres[int(between.argmax())])
+    return (int(between.argmax()) + 1) / bins  # upper edge of the last background bin
 
 
 def _moments(points: torch.Tensor, values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -206,19 +265,10 @@ def _centre_and_radius(points, values) -> tuple[np.ndarray, float]:
     return centre, float(np.sqrt(np.trace(cov)))
 
 
-def _moving_points(level: _Level) -> tuple[torch.Tensor, torch.Tensor]:
-    voxels = identity_voxels(level.grid.shape, level.image.device).reshape(-1, 3)
-    values = level.image.reshape(-1)
-    if level.mask is not None:
-        keep = level.mask.reshape(-1)
-        voxels, values = voxels[keep], values[keep]
-    return voxel_to_world(voxels.double(), level.grid.affine).float(), values
-
-
 def _start_candidates(fixed_points, moving_level: _Level) -> list[np.ndarray]:
     """Centre-of-mass translation plus principal-axes rotations close to identity."""
     cf, cov_f = _moments(*fixed_points)
-    cm, cov_m = _moments(*_moving_points(moving_level))
+    cm, cov_m = _moments(*_level_points(moving_level, MAX_POINTS))
     uf = np.linalg.eigh(cov_f)[1]
     um = np.linalg.eigh(cov_m)[1]
     rotations = []
@@ -270,39 +320,48 @@ def _mutual_information(fixed_bins, moving_values, weights) -> torch.Tensor:
     return (joint * (torch.log(joint + eps) - torch.log(pf + eps) - torch.log(pm + eps))).sum()
 
 
+def _residual_matrix(params: torch.Tensor, centre: torch.Tensor, radius: float) -> torch.Tensor:
+    """4x4 ``D(p)``: translation ``p[:3]`` mm, linear part ``I + p[3:]/r`` about ``centre``."""
+    linear = torch.eye(3, dtype=params.dtype, device=params.device) + params[3:].view(3, 3) / radius
+    top = torch.cat([linear, (centre + params[:3] - linear @ centre)[:, None]], dim=1)
+    bottom = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=params.dtype, device=params.device)
+    return torch.cat([top, bottom])
+
+
 def _optimise(fixed_points, moving: _Level, a0: np.ndarray, centre, radius: float,
               iterations: int, lr: float, cancel) -> tuple[np.ndarray, float]:
-    """Adam on the 12 parameters of ``D``; returns (A0 @ D, final loss)."""
+    """Adam on the 12 parameters of ``D``; returns (A0 @ D, final loss).
+
+    Adam is written out (a few lines on 12 numbers) because constructing ``torch.optim.Adam``
+    the first time imports the compiler stack, ~1-2 s of every command-line registration.
+    """
     points, values = fixed_points
     device = points.device
+    homogeneous = torch.cat([points, torch.ones_like(points[:, :1])], dim=1)
     fixed_bins = _fixed_bins(values)
-    to_voxel = torch.as_tensor(moving.grid.inverse @ a0, dtype=torch.float32, device=device)
-    c = torch.as_tensor(centre, dtype=torch.float32, device=device)
-    local = points - c
+    to_voxel = torch.as_tensor(moving.grid.inverse @ a0, dtype=torch.float64, device=device)
+    c = torch.as_tensor(centre, dtype=torch.float64, device=device)
     shape = torch.as_tensor(moving.grid.shape, dtype=torch.float32, device=device)
-    params = torch.zeros(12, device=device, requires_grad=True)
-    optimiser = torch.optim.Adam([params], lr=lr)
-    mask = None if moving.mask is None else moving.mask[None, None].float()
-    loss = None
+    params = torch.zeros(12, dtype=torch.float64, device=device, requires_grad=True)
+    mean, square = torch.zeros_like(params), torch.zeros_like(params)
     for step in range(iterations + 1):
         check(cancel)
-        linear = torch.eye(3, device=device) + params[3:].view(3, 3) / radius
-        world = local @ linear.T + c + params[:3]
-        voxel = world @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+        fixed_to_voxel = (to_voxel @ _residual_matrix(params, c, radius))[:3].float()
+        voxel = homogeneous @ fixed_to_voxel.T
         with torch.no_grad():
             inside = ((voxel >= 0) & (voxel <= shape - 1)).all(-1).float()
-            if mask is not None:
-                inside = inside * sample(mask, voxel[None, :, None, None], "nearest")[0, 0, :, 0, 0]
+            if moving.mask is not None:
+                inside = inside * _read_inside_mask(moving.mask, voxel).float()
         warped = sample(moving.image, voxel[None, :, None, None])[0, 0, :, 0, 0]
         loss = -_mutual_information(fixed_bins, warped, inside)
         if step == iterations:
             break
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.param_groups[0]["lr"] = lr * FINAL_LR_FRACTION ** (step / max(iterations - 1, 1))
-        optimiser.step()
-    d = np.eye(4)
-    p = params.detach().double().cpu().numpy()
-    d[:3, :3] += p[3:].reshape(3, 3) / radius
-    d[:3, 3] = centre + p[:3] - d[:3, :3] @ centre
+        (grad,) = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            mean.mul_(ADAM_BETAS[0]).add_(grad, alpha=1 - ADAM_BETAS[0])
+            square.mul_(ADAM_BETAS[1]).addcmul_(grad, grad, value=1 - ADAM_BETAS[1])
+            rate = lr * FINAL_LR_FRACTION ** (step / max(iterations - 1, 1))
+            unbiased = square / (1 - ADAM_BETAS[1] ** (step + 1))
+            params -= (rate / (1 - ADAM_BETAS[0] ** (step + 1))) * mean / (unbiased.sqrt() + 1e-8)
+    d = _residual_matrix(params.detach(), c, radius).cpu().numpy()
     return a0 @ d, float(loss.detach())
