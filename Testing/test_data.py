@@ -193,6 +193,34 @@ def test_real_image_augmentation_is_deterministic_and_in_range():
     assert np.corrcoef(a.flatten(), image.flatten())[0, 1] > 0.5
 
 
+def test_t1_like_image_orders_tissues_like_a_t1():
+    from LiquidRegLib.data.synth import t1_like
+
+    from scipy import ndimage
+
+    labels = toy_brain((80, 96, 80))
+    labels[labels == 3] = 1028  # parcels are cortex
+    image = t1_like(labels)
+    assert image.dtype == np.float32 and image.shape == labels.shape
+    assert np.array_equal(image, t1_like(labels))
+    # Away from edges (the image is blurred by one voxel).
+    core = {name: np.median(image[ndimage.binary_erosion(labels == lab)])
+            for name, lab in
+            (("wm", 2), ("thalamus", 10), ("cortex", 1028), ("ventricle", 4), ("outside", 0))}
+    assert core["wm"] > core["thalamus"] > core["cortex"] > core["ventricle"] >= core["outside"]
+
+
+def test_benchmark_pairs_are_the_held_out_subjects_with_templates_fixed():
+    from LiquidRegLib.data.fetch import benchmark_pairs
+
+    manifest = {"subjects": {
+        "d2": {"name": "d2", "kind": "individual", "split": "test"},
+        "t": {"name": "t", "kind": "template", "split": "test"},
+        "d1": {"name": "d1", "kind": "individual", "split": "test"},
+        "tr": {"name": "tr", "kind": "template", "split": "train"}}}
+    assert benchmark_pairs(manifest) == [("t", "d1"), ("t", "d2"), ("d1", "d2")]
+
+
 # ---- deformations ----------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_deformations_are_diffeomorphic_and_not_trivial(seed):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import labels as L
-from . import sources, subjects, volumes
+from . import sources, subjects, synth, volumes
 
 MANIFEST = "manifest.json"
 #: Build order: the donors need fsaverage as their propagation atlas (a training subject, so
@@ -44,6 +44,8 @@ def write_subject(out: Path, subject: subjects.Subject) -> dict:
     if subject.t1 is not None:
         files["t1"] = f"{subject.name}_t1.nii.gz"
         volumes.save(out / files["t1"], subject.t1.astype(np.float32), subject.grid)
+    else:
+        files["t1_synth"] = _write_t1_synth(out, subject.name, subject.labels, subject.grid)
     return {
         "name": subject.name, "kind": subject.kind, "split": subject.split,
         "source": subject.provenance, "licence": subject.licence, "notes": subject.notes,
@@ -52,6 +54,21 @@ def write_subject(out: Path, subject: subjects.Subject) -> dict:
         "reliable_labels": sorted(int(i) for i in subject.reliable_labels),
         "labels_present": sorted(int(i) for i in np.unique(subject.labels) if i > 0),
     }
+
+
+def _write_t1_synth(out: Path, name: str, labels: np.ndarray, grid) -> str:
+    """A deterministic T1-like image for a label-only subject (benchmarks need an image)."""
+    file = f"{name}_t1synth.nii.gz"
+    volumes.save(out / file, synth.t1_like(labels), grid)
+    return file
+
+
+def benchmark_pairs(manifest: dict) -> list[tuple[str, str]]:
+    """Every pair of held-out subjects, templates as the fixed image, in a stable order."""
+    test = sorted((e["kind"] != "template", e["name"]) for e in manifest["subjects"].values()
+                  if e["split"] == "test")
+    names = [name for _, name in test]
+    return [(a, b) for n, a in enumerate(names) for b in names[n + 1:]]
 
 
 def load_subject(out, entry: dict) -> subjects.Subject:
@@ -89,6 +106,10 @@ def fetch_all(out, cache=None, only=None, force=False, log=print) -> dict:
             continue
         entry = manifest["subjects"].get(name)
         if _up_to_date(out, entry) and not force:
+            if "t1" not in entry["files"] and "t1_synth" not in entry["files"]:
+                labels, grid = volumes.load(out / entry["files"]["labels"])
+                entry["files"]["t1_synth"] = _write_t1_synth(out, name, labels, grid)
+                log(f"{name}: wrote {entry['files']['t1_synth']}")
             log(f"{name}: up to date ({entry['split']})")
             continue
         log(f"{name}: building")

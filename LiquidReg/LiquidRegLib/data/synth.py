@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -159,3 +160,27 @@ def augment_image(image: torch.Tensor, generator: torch.Generator,
     if image.dim() != 5 or image.shape[1] != 1:
         raise ValueError(f"image must be (N, 1, I, J, K), got {tuple(image.shape)}")
     return torch.cat([_corrupt(normalise(s[None].float()), generator, config) for s in image])
+
+
+#: Typical T1-weighted intensity of each coarse structure (white matter brightest, fluid darkest).
+T1_LIKE = {2: 0.85, 41: 0.85, 7: 0.8, 46: 0.8, 3: 0.5, 42: 0.5, 8: 0.55, 47: 0.55,
+           10: 0.7, 49: 0.7, 11: 0.6, 50: 0.6, 12: 0.65, 51: 0.65, 13: 0.75, 52: 0.75,
+           17: 0.5, 53: 0.5, 18: 0.5, 54: 0.5, 26: 0.6, 58: 0.6, 28: 0.75, 60: 0.75, 16: 0.75,
+           4: 0.1, 43: 0.1, 14: 0.1, 15: 0.1, 24: 0.1}
+
+
+def t1_like(labels) -> np.ndarray:
+    """A fixed, noise-free T1-like image of a shared-scheme label map (float32, [0, 1]).
+
+    For label-only subjects (the donors) in benchmarks that need an image for every subject:
+    deterministic, so every method registers the same picture; blurred by one voxel so edges
+    look acquired rather than painted.
+    """
+    from .labels import MAX_ID, to_level
+
+    table = np.zeros(MAX_ID + 1, np.float32)
+    for label, value in T1_LIKE.items():
+        table[label] = value
+    image = table[to_level(np.asarray(labels), "coarse").astype(np.int64)]
+    blurred = gaussian_blur(torch.as_tensor(image)[None, None], 1.0)[0, 0]
+    return blurred.numpy().astype(np.float32)
