@@ -63,18 +63,12 @@ RESULT, DISPLACEMENT = "result.json", "displacement.nii.gz"
 
 
 # ---- the measured child process -------------------------------------------------------------
-def _memory_mb(key: str = "VmHWM") -> float:
+def memory_mb(key: str = "VmHWM") -> float:
     """This process's peak (VmHWM) or current (VmRSS) resident memory, MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
-
-
-def _write_json_atomic(path: Path, content: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
 
 
 def run_child(method: str, fixed: str, moving: str, workdir: str, iterations: int,
@@ -87,13 +81,13 @@ def run_child(method: str, fixed: str, moving: str, workdir: str, iterations: in
 
         torch.set_num_threads(threads)
         from LiquidRegLib import io, register
-        baseline = _memory_mb("VmRSS")
+        baseline = memory_mb("VmRSS")
         start = time.perf_counter()
         fixed_volume = io.read_volume(fixed, name="fixed image")
         moving_volume = io.read_volume(moving, name="moving image")
         result = register.register(fixed_volume, moving_volume, device="cpu", weights=weights,
                                    iterations=iterations if method == "liquidreg_io" else 0)
-        seconds, peak = time.perf_counter() - start, _memory_mb()
+        seconds, peak = time.perf_counter() - start, memory_mb()
         extra = {"stage_seconds": result.summary.get("timings_s"),
                  "model": result.summary.get("model"),
                  "working_grid": result.summary.get("working_grid")}
@@ -102,10 +96,10 @@ def run_child(method: str, fixed: str, moving: str, workdir: str, iterations: in
         import ants  # noqa: F401  (loaded before timing)
 
         from LiquidRegLib import peers
-        baseline = _memory_mb("VmRSS")
+        baseline = memory_mb("VmRSS")
         start = time.perf_counter()
         transforms = peers.ants_register(fixed, moving, work, type_of_transform="SyN")
-        seconds, peak = time.perf_counter() - start, _memory_mb()
+        seconds, peak = time.perf_counter() - start, memory_mb()
         field, grid = peers.ants_displacement(fixed, transforms, work)
         extra = {"transforms": [Path(t).name for t in transforms]}
     elif method == "elastix":
@@ -115,11 +109,11 @@ def run_child(method: str, fixed: str, moving: str, workdir: str, iterations: in
         # itk loads its wrappers lazily (tens of seconds): touch them before the clock starts
         itk.imread, itk.ElastixRegistrationMethod, itk.ParameterObject, itk.transformix_filter
         parameters = peers.elastix_parameters()
-        baseline = _memory_mb("VmRSS")
+        baseline = memory_mb("VmRSS")
         start = time.perf_counter()
         transform = peers.elastix_register(fixed, moving, work, parameters=parameters,
                                            threads=threads)
-        seconds, peak = time.perf_counter() - start, _memory_mb()
+        seconds, peak = time.perf_counter() - start, memory_mb()
         field, grid = peers.elastix_displacement(fixed, transform, work)
         extra = {"parameter_maps": list(peers.ELASTIX_MAPS)}
     else:
@@ -146,7 +140,8 @@ def child_main(argv) -> int:
                             args.weights, args.threads)
     except Exception as exc:  # recorded, so one failing method does not stop the benchmark
         content = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    _write_json_atomic(work / RESULT, content)
+    from LiquidRegLib import io
+    io.write_json(work / RESULT, content)
     return 0 if content["ok"] else 1
 
 
@@ -320,7 +315,8 @@ def run_method(method: str, fixed: Path, moving: Path, workdir: Path, args) -> d
         content = {"ok": False, "error": ("timed out" if process["timed_out"] else
                                           f"child exited with {process['exit_code']}: "
                                           + " ".join(tail)), **process}
-    _write_json_atomic(result_path, content)
+    from LiquidRegLib import io
+    io.write_json(result_path, content)
     return content
 
 
