@@ -335,6 +335,27 @@ def test_real_image_and_labels_are_warped_by_the_same_deformation():
         assert (batch["fixed_labels"] != batch["moving_labels"]).float().mean() > 0.01
 
 
+def test_same_contrast_flag_matches_the_images():
+    shared = make_sampler(config=PairConfig(same_contrast_prob=1.0, real_image_prob=0.0),
+                          synth=QUIET, batch_size=2)
+    # Only the parcellated subjects: each compact label is then exactly one shared-scheme id.
+    shared.subjects = [s for s in shared.subjects if s.name in ("a", "b")]
+    batch = shared.sample(torch.Generator().manual_seed(0))
+    assert batch["same_contrast"].tolist() == [True, True]
+    for n in range(2):  # shared labels' intensities agree up to each image's min-max rescale
+        pairs = []
+        for idx in range(1, batch["num_labels"]):
+            f = batch["fixed"][n][batch["fixed_labels"][n] == idx]
+            m = batch["moving"][n][batch["moving_labels"][n] == idx]
+            if f.numel() and m.numel():
+                pairs.append((f.median().item(), m.median().item()))
+        assert len(pairs) > 3 and np.corrcoef(np.array(pairs).T)[0, 1] > 0.999
+    independent = make_sampler(config=PairConfig(same_contrast_prob=0.0, real_image_prob=0.0),
+                               batch_size=2)
+    assert independent.sample(torch.Generator().manual_seed(0))["same_contrast"].tolist() == [
+        False, False]
+
+
 def test_sampler_rejects_a_shape_the_network_cannot_divide():
     from LiquidRegLib.errors import InputError
 

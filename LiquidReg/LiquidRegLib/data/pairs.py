@@ -108,8 +108,9 @@ class PairSampler:
         b = int(torch.randint(0, n - 1, (1,), generator=generator)[0])
         return a, b + (b >= a)
 
-    def _side(self, subject: _Loaded, generator, means) -> tuple[torch.Tensor, torch.Tensor]:
-        """One randomly deformed subject: (image, shared-scheme labels), both (1, 1, I, J, K)."""
+    def _side(self, subject: _Loaded, generator, means) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One randomly deformed subject: image and shared-scheme labels, both (1, 1, I, J, K),
+        and whether the image is the real T1."""
         disp = random_deformation(subject.grid, generator, self.deform, self.device)
         labels = warp(subject.labels.float(), disp, mode="nearest").round().long()
         use_real = (subject.image is not None and
@@ -118,7 +119,7 @@ class PairSampler:
             image = augment_image(warp(subject.image, disp), generator, self.synth)
         else:
             image = synthesize(labels, generator, self.synth, means)
-        return image, labels
+        return image, labels, use_real
 
     def sample_pair(self, generator: torch.Generator) -> dict:
         ia, ib = self._pick(generator)
@@ -126,8 +127,12 @@ class PairSampler:
         means = None
         if float(torch.rand(1, generator=generator)[0]) < self.config.same_contrast_prob:
             means = random_label_means(generator, L.MAX_ID, self.synth)
-        fixed, fixed_labels = self._side(a, generator, means)
-        moving, moving_labels = self._side(b, generator, means)
+        fixed, fixed_labels, fixed_real = self._side(a, generator, means)
+        moving, moving_labels, moving_real = self._side(b, generator, means)
+        # Intensity similarity (LNCC) is fair when both images share a contrast: one synthetic
+        # contrast, or two real T1s (the real T1s are all T1-weighted).
+        same_contrast = (fixed_real and moving_real) or (
+            not fixed_real and not moving_real and means is not None)
         level, ids = L.shared_labels(a.info, b.info)
         table = torch.as_tensor(L.compact_table(ids, level), device=self.device)
         return {"fixed": fixed, "moving": moving,
@@ -135,17 +140,20 @@ class PairSampler:
                 "fixed_mask": (fixed_labels > 0).float(),
                 "moving_mask": (moving_labels > 0).float(),
                 "num_labels": len(ids) + 1, "names": (a.name, b.name), "level": level,
-                "label_ids": ids}
+                "label_ids": ids, "same_contrast": same_contrast}
 
     def sample(self, generator: torch.Generator) -> dict:
         """A batch: fixed/moving (N, 1, I, J, K) float32 in [0, 1]; fixed_labels/moving_labels
         (N, 1, I, J, K) int64 in 0..num_labels-1 (0 = background or not shared); masks;
         ``pairs`` lists each item's (fixed, moving) subject names, ``label_ids`` each item's
-        shared-scheme id per compact index (index n -> label_ids[n - 1])."""
+        shared-scheme id per compact index (index n -> label_ids[n - 1]); ``same_contrast``
+        (N,) bool says where an intensity similarity between fixed and moving is meaningful."""
         items = [self.sample_pair(generator) for _ in range(self.batch_size)]
         batch = {k: torch.cat([it[k] for it in items]) for k in
                  ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask")}
         batch["num_labels"] = max(it["num_labels"] for it in items)
         batch["pairs"] = [it["names"] for it in items]
         batch["label_ids"] = [it["label_ids"] for it in items]
+        batch["same_contrast"] = torch.tensor([it["same_contrast"] for it in items],
+                                              device=self.device)
         return batch
