@@ -25,10 +25,11 @@ reliably annotate (``data.labels.shared_labels``), and the Jacobian determinant
 (``diffeo.jacobian_determinant_ras``) inside the fixed brain mask: % voxels with J <= 0 and
 std(log J).
 
-Images: subjects with a T1 (templates) use it, skull-stripped by their brain mask; label-only
-subjects (Allen donors) get an image synthesised at 1 mm from their labels by
-``data.synth.synthesize`` with a fixed seed per subject and a T1-like contrast (each label's mean
-intensity taken from the first test template's T1), then skull-stripped the same way.
+Pairs and images follow the data package's documented benchmark path (DATA.md):
+``data.fetch.benchmark_pairs`` (templates fixed, every held-out pair once); subjects with a T1
+(templates) use it, label-only subjects (Allen donors) their fixed, deterministic T1-like
+rendering ``<name>_t1synth.nii.gz`` (``data.synth.t1_like``, 1 mm); both skull-stripped by the
+subject's brain mask.
 
 Outputs in ``--out``: ``results.md`` (per-pair tables and the mean per method), ``results.json``
 (everything, per label, plus the machine), and ``work/`` (inputs, each run's displacement and
@@ -44,7 +45,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 # Heavy modules (torch, ants, itk) are imported inside functions: this file is also the child
@@ -107,7 +107,8 @@ def run_child(method: str, fixed: str, moving: str, workdir: str, iterations: in
 
         from LiquidRegLib import peers
         # itk loads its wrappers lazily (tens of seconds): touch them before the clock starts
-        itk.imread, itk.ElastixRegistrationMethod, itk.ParameterObject, itk.transformix_filter
+        for name in ("imread", "ElastixRegistrationMethod", "ParameterObject", "TransformixFilter"):
+            getattr(itk, name)
         parameters = peers.elastix_parameters()
         baseline = memory_mb("VmRSS")
         start = time.perf_counter()
@@ -169,80 +170,45 @@ def machine() -> dict:
             "load_average_at_start": os.getloadavg(), "versions": versions}
 
 
-def test_subjects(data: Path) -> list[dict]:
-    """Manifest entries of the held-out split: templates first, then individuals."""
-    from LiquidRegLib.data.fetch import MANIFEST
+def held_out(data: Path) -> tuple[dict, list[tuple[str, str]]]:
+    """Manifest entries of the held-out ("test") subjects and the benchmark pairs over them."""
+    from LiquidRegLib.data.fetch import MANIFEST, benchmark_pairs
     from LiquidRegLib.errors import InputError
 
     path = data / MANIFEST
     if not path.exists():
         raise InputError(f"{path} not found; run scripts/fetch_data.py --out {data} first")
-    entries = [e for e in json.loads(path.read_text())["subjects"].values()
-               if e["split"] == "test"]
-    templates = [e for e in entries if e["kind"] == "template"]
-    individuals = [e for e in entries if e["kind"] != "template"]
-    if not templates or len(individuals) < 2:
-        raise InputError(f"{path} has {len(templates)} test template(s) and {len(individuals)} "
+    manifest = json.loads(path.read_text())
+    entries = {e["name"]: e for e in manifest["subjects"].values() if e["split"] == "test"}
+    templates = sum(e["kind"] == "template" for e in entries.values())
+    if not templates or len(entries) - templates < 2:
+        raise InputError(f"{path} has {templates} test template(s) and {len(entries) - templates} "
                          "test individual(s); the benchmark needs at least 1 and 2: finish "
                          f"scripts/fetch_data.py --out {data}")
-    return sorted(templates, key=lambda e: e["name"]) + sorted(individuals, key=lambda e: e["name"])
+    return entries, benchmark_pairs(manifest)
 
 
-def pair_list(entries: list[dict], max_pairs: int | None) -> list[tuple[dict, dict]]:
-    """Every inter-subject pair once, fixed = the earlier subject (templates come first)."""
-    pairs = [(a, b) for i, a in enumerate(entries) for b in entries[i + 1:]]
-    return pairs[:max_pairs] if max_pairs else pairs
-
-
-def t1_like_means(template):
-    """Mean intensity of each shared-scheme label in a template's skull-stripped T1, in [0, 1]
-    (labels it lacks take their coarse structure's, then the brain's, mean)."""
+def subject_image(data: Path, entry: dict, subject):
+    """The subject's skull-stripped image on its 1 mm grid: its T1, else its T1-like rendering."""
     import numpy as np
-    import torch
 
-    from LiquidRegLib.data import labels as L
+    from LiquidRegLib.data import volumes
+    from LiquidRegLib.errors import InputError
     from LiquidRegLib.preprocess import normalise_intensity
 
-    t1 = normalise_intensity(template.t1, template.brainmask)
-    ids = template.labels.astype(np.int64).ravel()
-    sums = np.bincount(ids, weights=t1.ravel(), minlength=L.MAX_ID + 1)[:L.MAX_ID + 1]
-    counts = np.bincount(ids, minlength=L.MAX_ID + 1)[:L.MAX_ID + 1]
-    brain = float(t1[template.brainmask > 0].mean())
-    means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    coarse = L.to_level(np.arange(L.MAX_ID + 1), "coarse")
-    means = np.where(np.isnan(means), means[coarse], means)
-    means = np.where(np.isnan(means), brain, means)
-    means[0] = 0.0
-    return torch.as_tensor(means, dtype=torch.float32)
-
-
-def subject_image(subject, seed: int, means):
-    """The subject's skull-stripped image at its own (1 mm) grid: its T1, or a synthesis."""
-    import numpy as np
-    import torch
-
-    from LiquidRegLib.data.synth import random_label_means, synthesize
-    from LiquidRegLib.data import labels as L
-    from LiquidRegLib.preprocess import normalise_intensity
-
-    mask = subject.brainmask > 0
     if subject.t1 is not None:
-        return np.where(mask, normalise_intensity(subject.t1, subject.brainmask), 0).astype(np.float32), \
-            {"image": "T1 (skull-stripped)"}
-    subject_seed = seed ^ zlib.crc32(subject.name.encode())
-    generator = torch.Generator().manual_seed(subject_seed)
-    contrast = "T1-like (template label means)" if means is not None else "random"
-    if means is None:
-        means = random_label_means(generator, L.MAX_ID)
-    labels = torch.as_tensor(subject.labels.astype(np.int64))[None, None]
-    image = synthesize(labels, generator, label_means=means)[0, 0].numpy()
-    return np.where(mask, image, 0).astype(np.float32), \
-        {"image": "synthesised from labels (data.synth.synthesize), skull-stripped",
-         "seed": subject_seed, "contrast": contrast}
+        image, how = normalise_intensity(subject.t1, subject.brainmask), "T1"
+    elif "t1_synth" in entry["files"]:
+        image = np.asarray(volumes.load(data / entry["files"]["t1_synth"])[0], np.float32)
+        how = "T1-like rendering of its labels (data.synth.t1_like)"
+    else:
+        raise InputError(f"{entry['name']} has neither a T1 nor a t1synth image; re-run "
+                         f"scripts/fetch_data.py --out {data} to write it")
+    return np.where(subject.brainmask > 0, image, 0).astype(np.float32), how + ", skull-stripped"
 
 
-def prepare_subjects(data: Path, entries: list[dict], work: Path, seed: int,
-                     downsample: float | None, log=print) -> dict:
+def prepare_subjects(data: Path, entries: dict, work: Path, downsample: float | None,
+                     log=print) -> dict:
     """Write each subject's image, labels and brain mask (optionally downsampled) once."""
     import numpy as np
 
@@ -251,16 +217,13 @@ def prepare_subjects(data: Path, entries: list[dict], work: Path, seed: int,
     from LiquidRegLib.data.volumes import ras_grid
     from LiquidRegLib.grid import resample
 
-    loaded = {e["name"]: load_subject(data, e) for e in entries}
-    template = next((loaded[e["name"]] for e in entries if loaded[e["name"]].t1 is not None), None)
-    means = t1_like_means(template) if template is not None else None
     out = {}
-    for entry in entries:
-        subject = loaded[entry["name"]]
+    for entry in entries.values():
+        subject = load_subject(data, entry)
         folder = work / "subjects"
         folder.mkdir(parents=True, exist_ok=True)
         paths = {k: folder / f"{subject.name}_{k}.nii.gz" for k in ("image", "labels", "brainmask")}
-        image, how = subject_image(subject, seed, means)
+        image, how = subject_image(data, entry, subject)
         labels, mask, grid = subject.labels.astype(np.int16), subject.brainmask.astype(np.uint8), subject.grid
         if downsample:
             target = ras_grid(grid, downsample)
@@ -272,8 +235,9 @@ def prepare_subjects(data: Path, entries: list[dict], work: Path, seed: int,
         io.write_volume(paths["labels"], labels, grid)
         io.write_volume(paths["brainmask"], mask, grid)
         out[subject.name] = {"entry": entry, "paths": paths, "shape": list(grid.shape),
-                             "spacing_mm": [round(float(s), 3) for s in grid.spacing], **how}
-        log(f"prepared {subject.name}: {how['image']}, {grid}")
+                             "spacing_mm": [round(float(s), 3) for s in grid.spacing],
+                             "image": how}
+        log(f"prepared {subject.name}: {how}, {grid}")
     return out
 
 
@@ -441,7 +405,6 @@ def main(argv=None) -> int:
                         help="resample every input to MM mm voxels first (smoke tests only)")
     parser.add_argument("--weights", help="LiquidReg weights (default: the shipped ones)")
     parser.add_argument("--threads", type=int, default=2, help="threads for every method")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the donor image synthesis")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per run")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs in OUT/work")
     args = parser.parse_args(argv)
@@ -452,22 +415,22 @@ def main(argv=None) -> int:
     out = Path(args.out)
     work = out / "work"
     try:
-        entries = test_subjects(Path(args.data))
+        entries, pairs = held_out(Path(args.data))
     except LiquidRegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report = {"machine": machine(),
               "config": {"iterations": args.iterations, "threads": args.threads,
-                         "downsample_mm": args.downsample, "seed": args.seed,
+                         "downsample_mm": args.downsample,
                          "weights": args.weights or "shipped", "methods": args.methods}}
-    subjects = prepare_subjects(Path(args.data), entries, work, args.seed, args.downsample)
+    subjects = prepare_subjects(Path(args.data), entries, work, args.downsample)
     report["subjects"] = {name: {k: v for k, v in s.items() if k not in ("entry", "paths")}
                           for name, s in subjects.items()}
     report["pairs"], report["runs"] = [], []
-    for fixed_entry, moving_entry in pair_list(entries, args.max_pairs):
-        fixed, moving = subjects[fixed_entry["name"]], subjects[moving_entry["name"]]
-        pair_name = f"{fixed_entry['name']}__{moving_entry['name']}"
-        pair_record = {"fixed": fixed_entry["name"], "moving": moving_entry["name"]}
+    for fixed_name, moving_name in pairs[:args.max_pairs]:
+        fixed, moving = subjects[fixed_name], subjects[moving_name]
+        pair_name = f"{fixed_name}__{moving_name}"
+        pair_record = {"fixed": fixed_name, "moving": moving_name}
         for method in args.methods:
             record = {**pair_record, "method": method}
             if method == "identity":

@@ -113,13 +113,13 @@ def elastix_register(fixed_path, moving_path, workdir, *, parameters=None, threa
 
 def elastix_displacement(fixed_path, transform_parameters, workdir):
     """transformix's deformation field of ``transform_parameters`` (on the fixed grid the maps
-    record) as (RAS field, Grid)."""
+    record) as (RAS field, Grid).  transformix writes it into ``workdir`` as deformationField.nii
+    (given no folder it would write into the current directory)."""
     itk = _need("itk", "itk-elastix")
-    fixed = itk.imread(str(fixed_path), itk.F)
-    field = itk.transformix_deformation_field(fixed, transform_parameters)
-    path = Path(workdir) / "elastix_forward.nii"
-    itk.imwrite(field, str(path))
-    try:
-        return _read_field(path, fixed_path)
-    finally:
-        path.unlink(missing_ok=True)
+    transformix = itk.TransformixFilter.New(itk.imread(str(fixed_path), itk.F))
+    transformix.SetTransformParameterObject(transform_parameters)
+    transformix.SetComputeDeformationField(True)
+    transformix.SetOutputDirectory(str(workdir))
+    transformix.SetLogToConsole(False)
+    transformix.Update()
+    return _read_field(Path(workdir) / "deformationField.nii", fixed_path)
