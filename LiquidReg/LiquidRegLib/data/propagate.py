@@ -2,7 +2,7 @@
 the missing structures from a fully labelled atlas brain.
 
 The donors' white matter, ventricles, cerebellum and ventral DC are unlabelled, yet an image
-synthesised from such a map would miss them.  We register the atlas to the donor with ANTs SyN
+synthesised from such a map would miss them.  We register the atlas to the donor (ANTs affine)
 on *label-derived* images (each structure both brains annotate gets the same intensity, and the
 structures the donor lacks are blanked out in the atlas image), then copy the atlas's labels
 into the donor's unlabelled voxels.  Propagated labels are never used for Dice.
@@ -89,10 +89,12 @@ def complete_labels(donor: np.ndarray, donor_grid: Grid, atlas: np.ndarray, atla
     blank = [i for i in _BELOW if not (donor == i).any()]
     fixed = _to_ants(_label_image(donor, interior), donor_grid)
     moving = _to_ants(_label_image(atlas, blank=blank), atlas_grid)
-    log("  registering the atlas to the donor (ANTs SyN on label images)")
+    # Affine only: on these piecewise-constant images SyN raised the image correlation but
+    # lowered the overlap of the donor's own structures (donor 9861: mean Dice 0.51 affine,
+    # 0.44 after SyN), i.e. it matched equal intensities of different structures.
+    log("  registering the atlas to the donor (ANTs affine on label images)")
     reg = ants.registration(fixed.resample_image((2, 2, 2)), moving.resample_image((2, 2, 2)),
-                            type_of_transform="SyN", aff_metric="meansquares",
-                            syn_metric="meansquares", reg_iterations=(80, 40, 20))
+                            type_of_transform="Affine", aff_metric="meansquares")
     warped = ants.apply_transforms(fixed, _to_ants(atlas, atlas_grid), reg["fwdtransforms"],
                                    interpolator="genericLabel").numpy()
     warped = np.rint(warped).astype(np.int16)

