@@ -57,18 +57,18 @@ def main(argv=None) -> int:
     model_config = ModelConfig()
     sampler = PairSampler(args.data, split="train", working_spacing=model_config.working_spacing,
                           divisor=model_config.divisor, shape=args.shape)
-    # Images of a pair get independent random contrasts, so anatomy (Dice of labels) supervises
-    # and image similarity does not: this is what makes the model contrast-agnostic.
+    # Anatomy (Dice of labels) supervises every pair, which makes the model contrast-agnostic;
+    # LNCC joins only where both images share one contrast (see batch_for_step).
     config = train.TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed,
-                               checkpoint_every=args.checkpoint_every,
-                               weights=train.LossWeights(similarity=0.0))
+                               checkpoint_every=args.checkpoint_every)
     model = LiquidReg(model_config)
     torch.manual_seed(args.seed)  # same initial weights on every replica
 
     def batch_for_step(step: int) -> dict:
         generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 97 + rank)
-        return train.keep_random_labels(sampler.sample(generator), args.labels_per_step,
-                                        generator)
+        batch = sampler.sample(generator)
+        batch["similarity_weight"] = float(batch["same_contrast"].all())
+        return train.keep_random_labels(batch, args.labels_per_step, generator)
 
     curve_path = out / "curve.csv"
     fields = ["step", "loss", "dice", "lncc", "smooth", "fold", "grad_norm", "skipped", "clipped",
