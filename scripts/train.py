@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -120,6 +122,9 @@ def main(argv=None) -> int:
     def export(step):
         meta = dict(recipe, step=step, exported=time.strftime("%Y-%m-%d %H:%M:%S"))
         checkpoint.save_weights(args.export, model, meta)
+        digest = hashlib.sha256(Path(args.export).read_bytes()).hexdigest()
+        Path(f"{args.export}.sha256").write_text(f"{digest}  {Path(args.export).name}\n")
+        shutil.copyfile(curve_path, Path(args.export).parent / "training_curve.csv")
         print(f"exported weights at step {step} -> {args.export}", flush=True)
 
     state = train.run(model, batch_for_step, config, device=device,
