@@ -121,13 +121,14 @@ def test_moving_stored_lps_oblique_anisotropic_with_other_intensities(brain):
 
 
 def test_moving_field_of_view_cut_through_the_head(brain):
-    """The moving scan stops 30 mm below the top of the head of the fixed one's centre: points
-    that leave the moving field of view must not pull the alignment."""
+    """The moving scan is a slab covering only what lies 15 mm above the centre of the head:
+    fixed points that map outside it must be left out, not matched to "background" (which
+    drags the answer by 50-100 mm)."""
     points = foreground_points(brain)
     centre = points.mean(0)
     truth = similarity(centre, degrees=(0, 10, -10), shift=(6, -15, 5), scale=1.05)
     grid = brain.grid
-    k0 = int(np.ceil(grid.ras_to_voxel(centre - [0, 0, 30])[2]))
+    k0 = int(np.ceil(grid.ras_to_voxel(centre + [0, 0, 15])[2]))
     cut = Grid((grid.shape[0], grid.shape[1], grid.shape[2] - k0),
                grid.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, k0], [0, 0, 0, 1.0]]))
     errors = point_errors(points, truth, affine_register(brain, moved(brain, truth, cut)))
@@ -167,10 +168,11 @@ def phantom():
 
 
 def test_initial_is_honoured(phantom):
-    """A 90 degree turn is beyond the automatic start (principal axes within 50 degrees of
-    identity); starting from the true matrix, the answer must stay there."""
+    """A head turned round (180 degrees) is beyond the automatic start, which tries the
+    principal-axes poses closest to identity; starting from the true matrix, the answer must
+    stay there."""
     points = foreground_points(phantom)
-    truth = similarity(points.mean(0), degrees=(0, 0, 90), shift=(10, -5, 0))
+    truth = similarity(points.mean(0), degrees=(0, 0, 180), shift=(10, -5, 0))
     estimate = affine_register(phantom, moved(phantom, truth), initial=truth)
     assert point_errors(points, truth, estimate).max() <= 1.0
 
@@ -230,22 +232,17 @@ def test_bad_input_gets_one_line_error_with_a_fix(phantom, change, message):
 
 # ---- speed ---------------------------------------------------------------------------------------
 def test_brain_size_pair_within_budget():
-    """193 x 229 x 193 at 1 mm must align in <= 1.5 s on 2 CPU cores.  Measured as single-thread
-    CPU time (an upper bound of the 2-thread wall time, and robust to other load on the machine),
-    best of 3 runs after a warm-up."""
+    """193 x 229 x 193 at 1 mm must align in <= 1.5 s on the 2-core CPU.  The alignment runs on
+    one thread, so its CPU time is its wall time on an idle machine, and unlike wall time it is
+    not inflated by other work on the machine; best of 3 runs after a warm-up."""
     fixed = head_phantom((193, 229, 193), 1.0)
     points = foreground_points(fixed)
     moving = moved(fixed, similarity(points.mean(0), degrees=(15, 0, 0), shift=(20, 0, 0),
                                      scale=1.1))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    affine_register(fixed, moving)
+    times = []
+    for _ in range(3):
+        start = time.process_time()
         affine_register(fixed, moving)
-        times = []
-        for _ in range(3):
-            start = time.process_time()
-            affine_register(fixed, moving)
-            times.append(time.process_time() - start)
-    finally:
-        torch.set_num_threads(threads)
+        times.append(time.process_time() - start)
     assert min(times) <= 1.5, f"best of 3: {min(times):.2f} s CPU"

@@ -2,21 +2,24 @@
 
 Why it is built this way:
 
-* **Similarity: mutual information** (Mattes-style, Gaussian Parzen windows, 32 bins) over a set
-  of fixed points.  MI does not care about intensity scale, non-linear contrast differences or
-  modality (T1 vs T2), where global NCC does; on points it costs O(points x bins), so the finest
-  level stays cheap, whereas local NCC needs a dense resample and box filters every iteration.
-  It is also what ANTs and elastix use for their affine stages.
-* **Pyramid by box averaging**: each image is averaged over integer blocks of voxels to about
-  8, 4 and 2 mm in its own voxel order, so anisotropic, oblique or LPS-stored files need no
-  resampling and nothing is interpolated twice; the fixed image's block centres are the points,
-  the moving image is read at the mapped points with :func:`grid.sample`.
+* **Similarity: mutual information** (Mattes: hard fixed bins, cubic B-spline Parzen window on
+  the moving side, 32 bins) over a set of fixed points.  MI does not care about intensity scale,
+  non-linear contrast differences or modality (T1 vs T2), where global NCC does; on points it
+  costs O(points), so even the finest level is cheap, whereas local NCC needs a dense resample
+  and box filters every iteration.  ANTs and elastix use the same metric for their affine stages.
+* **Pyramid by box averaging**: each image is averaged over integer blocks of its own voxels to
+  about 8, 4 and 2 mm (inside its mask, if any).  Anisotropic, oblique or LPS-stored files need no
+  resampling onto a working grid, and the 1 mm volumes are read once.  Fixed points are random
+  positions in the fixed blocks, the moving image is read at the mapped points, both by trilinear
+  interpolation (:func:`grid.sample`), so both sides are blurred alike and the optimum is unbiased.
 * **Parametrisation**: ``A = A0 @ D(p)`` with ``D(x) = c + (I + L/r)(x - c) + t``, ``c`` the fixed
   image's centre of mass and ``r`` its radius of gyration.  Every one of the 12 parameters is then
   "millimetres of motion at the edge of the head", so one Adam learning rate suits them all.
 * **Start**: centres of mass, then the principal-axes rotations closest to identity (scanner
   images are rarely more than ~45 degrees apart); each candidate gets a short run at the coarsest
   level and the most similar one goes on.  A given ``initial`` matrix is the only candidate.
+* **Points outside the moving field of view (or mask) are left out** of the histogram rather than
+  read as background, so a moving scan that stops mid-head is not pulled towards its edge.
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ from .validate import mask_on_grid
 
 LEVELS_MM = (8.0, 4.0, 2.0)     # coarse to fine
 ITERATIONS = (40, 30, 30)       # Adam steps per level
-SCREEN_ITERATIONS = 40          # coarse-level steps each start candidate gets before the choice
+SIMILARITY_LEVELS = 1           # coarsest levels that fit rotation + isotropic scale only
+SCREEN_ITERATIONS = 25          # coarse-level steps each start candidate gets before the choice
 SCREEN_POINTS = 4000            # ... on this many points
 LEARNING_RATE_MM = (3.0, 1.5, 0.75)
 FINAL_LR_FRACTION = 0.1         # exponential decay within a level: big moves first, then settle
@@ -44,8 +48,8 @@ ADAM_BETAS = (0.9, 0.999)
 MAX_POINTS = 15000              # fixed points per level (a fixed random subset beyond that)
 MIN_POINTS = 32                 # fewer fixed or moving points than this: nothing to align
 BINS = 32
-MAX_START_ANGLE_DEG = 50.0
-START_CANDIDATES = 3            # principal-axes rotations tried besides the pure translation
+START_CANDIDATES = 2            # principal-axes rotations (closest to identity) tried besides
+                                # the pure centre-of-mass translation
 
 
 @dataclass
@@ -65,7 +69,12 @@ def affine_register(fixed, moving, *, initial=None, fixed_mask=None, moving_mask
     arrays on their image's grid or objects with ``.array``/``.grid`` (any grid).  Resample with
     ``grid.resample(moving.array, moving.grid, fixed.grid, world_map=A)``.
     """
-    device = torch.device(device)
+    with _one_thread():
+        return _register(fixed, moving, initial, fixed_mask, moving_mask, torch.device(device),
+                         progress, cancel)
+
+
+def _register(fixed, moving, initial, fixed_mask, moving_mask, device, progress, cancel):
     start = None if initial is None else _checked_initial(initial)
     fixed_levels = _pyramid(fixed, fixed_mask, device, "fixed")
     moving_levels = _pyramid(moving, moving_mask, device, "moving")
@@ -78,31 +87,30 @@ def affine_register(fixed, moving, *, initial=None, fixed_mask=None, moving_mask
     candidates = [start] if start is not None else _start_candidates(points[1], moving_levels[1])
 
     n_levels = len(LEVELS_MM)
-    with _one_thread():
-        if len(candidates) > 1:
-            report(progress, "affine", 0, n_levels,
-                   f"choosing among {len(candidates)} starting poses")
-            subset = tuple(p[:: max(1, len(p) // SCREEN_POINTS)] for p in points[0])
-            screened = [_optimise(subset, moving_levels[0], a0, centre, radius,
-                                  SCREEN_ITERATIONS, LEARNING_RATE_MM[0], cancel)
-                        for a0 in candidates]
-            candidates = [min(screened, key=lambda result: result[1])[0]]
-        best = candidates[0]
-        for index in range(n_levels):
-            report(progress, "affine", index, n_levels, f"{LEVELS_MM[index]:g} mm")
-            best, loss = _optimise(points[index], moving_levels[index], best, centre, radius,
-                                   ITERATIONS[index], LEARNING_RATE_MM[index], cancel)
+    if len(candidates) > 1:
+        report(progress, "affine", 0, n_levels, f"choosing among {len(candidates)} starting poses")
+        subset = tuple(p[:: max(1, len(p) // SCREEN_POINTS)] for p in points[0])
+        screened = [_optimise(subset, moving_levels[0], a0, centre, radius, SCREEN_ITERATIONS,
+                              LEARNING_RATE_MM[0], cancel, similarity=True) for a0 in candidates]
+        candidates = [min(screened, key=lambda result: result[1])[0]]
+    best = candidates[0]
+    for index in range(n_levels):
+        report(progress, "affine", index, n_levels, f"{LEVELS_MM[index]:g} mm")
+        best, loss = _optimise(points[index], moving_levels[index], best, centre, radius,
+                               ITERATIONS[index], LEARNING_RATE_MM[index], cancel,
+                               similarity=index < SIMILARITY_LEVELS)
     report(progress, "affine", n_levels, n_levels, "done", mutual_information=-loss)
     return best
 
 
 @contextmanager
 def _one_thread():
-    """Run the iterations on one CPU thread, restoring the caller's setting afterwards.
+    """Run on one CPU thread, restoring the caller's setting afterwards.
 
-    Each step works on ~15k points: handing such small ops to a second thread saves little, and
-    when the machine is busy a descheduled helper thread stalls every op (measured 3-4x slower
-    on a loaded 2-core machine).  The pyramid, which touches whole volumes, keeps all threads.
+    Apart from one box average of each volume, everything here works on ~15k points: handing
+    such small ops to a second thread saves little, and when the machine is busy a descheduled
+    helper thread stalls every op (measured 2-5x slower on a loaded 2-core machine, even for the
+    box averages).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -266,7 +274,12 @@ def _centre_and_radius(points, values) -> tuple[np.ndarray, float]:
 
 
 def _start_candidates(fixed_points, moving_level: _Level) -> list[np.ndarray]:
-    """Centre-of-mass translation plus principal-axes rotations close to identity."""
+    """Centre-of-mass translation plus the principal-axes rotations closest to identity.
+
+    Eigenvectors have no sign and, when two eigenvalues are close (a head is nearly round in
+    some planes), no reliable order either, so every proper signed permutation is a candidate
+    and the ones needing the least rotation are kept; the similarity decides among them.
+    """
     cf, cov_f = _moments(*fixed_points)
     cm, cov_m = _moments(*_level_points(moving_level, MAX_POINTS))
     uf = np.linalg.eigh(cov_f)[1]
@@ -279,9 +292,7 @@ def _start_candidates(fixed_points, moving_level: _Level) -> list[np.ndarray]:
             r = um @ p @ uf.T
             if np.linalg.det(r) < 0:
                 continue
-            angle = math.degrees(math.acos(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0)))
-            if angle <= MAX_START_ANGLE_DEG:
-                rotations.append((angle, r))
+            rotations.append((-np.trace(r), r))  # larger trace: smaller rotation angle
     rotations.sort(key=lambda ar: ar[0])
     candidates = []
     for r in [np.eye(3)] + [r for _, r in rotations[:START_CANDIDATES]]:
@@ -320,16 +331,28 @@ def _mutual_information(fixed_bins, moving_values, weights) -> torch.Tensor:
     return (joint * (torch.log(joint + eps) - torch.log(pf + eps) - torch.log(pm + eps))).sum()
 
 
-def _residual_matrix(params: torch.Tensor, centre: torch.Tensor, radius: float) -> torch.Tensor:
-    """4x4 ``D(p)``: translation ``p[:3]`` mm, linear part ``I + p[3:]/r`` about ``centre``."""
-    linear = torch.eye(3, dtype=params.dtype, device=params.device) + params[3:].view(3, 3) / radius
+def _residual_matrix(params: torch.Tensor, centre: torch.Tensor, radius: float,
+                     similarity: bool = False) -> torch.Tensor:
+    """4x4 ``D(p)``: translation ``p[:3]`` mm, linear part ``expm(M / r)`` about ``centre``.
+
+    The matrix exponential turns the skew part of ``M`` into an exact rotation (no stretching on
+    the way to 30 degrees) and the symmetric part into scale and shear.  ``similarity`` keeps only
+    rotation and isotropic scale: at the coarsest level shear could otherwise stand in for a
+    rotation (an ellipse turned by 30 degrees is also an ellipse sheared), a wrong local optimum.
+    """
+    m = params[3:].view(3, 3) / radius
+    if similarity:
+        eye = torch.eye(3, dtype=params.dtype, device=params.device)
+        m = (m - m.T) / 2 + eye * torch.diagonal(m).mean()
+    linear = torch.linalg.matrix_exp(m)
     top = torch.cat([linear, (centre + params[:3] - linear @ centre)[:, None]], dim=1)
     bottom = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=params.dtype, device=params.device)
     return torch.cat([top, bottom])
 
 
 def _optimise(fixed_points, moving: _Level, a0: np.ndarray, centre, radius: float,
-              iterations: int, lr: float, cancel) -> tuple[np.ndarray, float]:
+              iterations: int, lr: float, cancel, similarity: bool = False
+              ) -> tuple[np.ndarray, float]:
     """Adam on the 12 parameters of ``D``; returns (A0 @ D, final loss).
 
     Adam is written out (a few lines on 12 numbers) because constructing ``torch.optim.Adam``
@@ -346,7 +369,7 @@ def _optimise(fixed_points, moving: _Level, a0: np.ndarray, centre, radius: floa
     mean, square = torch.zeros_like(params), torch.zeros_like(params)
     for step in range(iterations + 1):
         check(cancel)
-        fixed_to_voxel = (to_voxel @ _residual_matrix(params, c, radius))[:3].float()
+        fixed_to_voxel = (to_voxel @ _residual_matrix(params, c, radius, similarity))[:3].float()
         voxel = homogeneous @ fixed_to_voxel.T
         with torch.no_grad():
             inside = ((voxel >= 0) & (voxel <= shape - 1)).all(-1).float()
@@ -363,5 +386,5 @@ def _optimise(fixed_points, moving: _Level, a0: np.ndarray, centre, radius: floa
             rate = lr * FINAL_LR_FRACTION ** (step / max(iterations - 1, 1))
             unbiased = square / (1 - ADAM_BETAS[1] ** (step + 1))
             params -= (rate / (1 - ADAM_BETAS[0] ** (step + 1))) * mean / (unbiased.sqrt() + 1e-8)
-    d = _residual_matrix(params.detach(), c, radius).cpu().numpy()
+    d = _residual_matrix(params.detach(), c, radius, similarity).cpu().numpy()
     return a0 @ d, float(loss.detach())
