@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import checkpoint, diffeo, losses, metrics, train, validate
 from .devices import resolve_device
@@ -34,7 +35,10 @@ class RegistrationResult:
 
 
 def _similarity(pair, moving=None) -> float:
-    return float(losses.local_ncc(pair.fixed, pair.moving if moving is None else moving, 7).mean())
+    """Mean LNCC (5^3 window) at half the working resolution: a report, so kept cheap."""
+    fixed = F.avg_pool3d(pair.fixed, 2)
+    moving = F.avg_pool3d(pair.moving if moving is None else moving, 2)
+    return float(losses.local_ncc(fixed, moving, 5).mean())
 
 
 def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool = True,
@@ -110,7 +114,7 @@ def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool 
         "pct_folding": stats["pct_folding"],
         "std_log_jac": stats["std_log_jac"],
         "jacobian": stats,
-        "similarity": {"metric": "mean local NCC (7^3 window, working grid)",
+        "similarity": {"metric": "mean local NCC (5^3 window, half working resolution)",
                        "before": sim_before, "after_affine": _similarity(pair),
                        "after": sim_after},
     }
