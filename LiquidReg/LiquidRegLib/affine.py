@@ -46,7 +46,8 @@ LEARNING_RATE_MM = (3.0, 1.5, 0.75)
 FINAL_LR_FRACTION = 0.1         # exponential decay within a level: big moves first, then settle
 ADAM_BETAS = (0.9, 0.999)
 MAX_POINTS = 15000              # fixed points per level (a fixed random subset beyond that)
-MIN_POINTS = 32                 # fewer fixed or moving points than this: nothing to align
+MIN_POINTS = 1000               # levels with fewer fixed or moving points are skipped: MI from so
+                                # few samples is noisy, and sliding the images apart raises it
 BINS = 32
 START_CANDIDATES = 2            # principal-axes rotations (closest to identity) tried besides
                                 # the pure centre-of-mass translation
@@ -80,26 +81,34 @@ def _register(fixed, moving, initial, fixed_mask, moving_mask, device, progress,
     moving_levels = _pyramid(moving, moving_mask, device, "moving")
 
     points = [_level_points(level, MAX_POINTS, jitter=True) for level in fixed_levels]
-    for spacing, (positions, _) in zip(LEVELS_MM, points):
-        if len(positions) < MIN_POINTS:
-            raise _too_little("fixed", spacing)
-    centre, radius = _centre_and_radius(*points[1])
-    candidates = [start] if start is not None else _start_candidates(points[1], moving_levels[1])
+    # a small image (or mask) has too few blocks at the coarse levels: start finer
+    levels = [i for i, level in enumerate(moving_levels)
+              if min(len(points[i][1]), _voxel_count(level)) >= MIN_POINTS]
+    if not levels:
+        raise InputError(f"too little to align: fewer than {MIN_POINTS} voxels of "
+                         f"{LEVELS_MM[-1]:g} mm in an image (or inside its mask); "
+                         "fix: pass larger images or masks")
+    moments = levels[-2] if len(levels) > 1 else levels[-1]  # 4 mm: fine enough, and cheap
+    centre, radius = _centre_and_radius(*points[moments])
+    candidates = ([start] if start is not None
+                  else _start_candidates(points[moments], moving_levels[moments]))
 
-    n_levels = len(LEVELS_MM)
+    first = levels[0]
     if len(candidates) > 1:
-        report(progress, "affine", 0, n_levels, f"choosing among {len(candidates)} starting poses")
-        subset = tuple(p[:: max(1, len(p) // SCREEN_POINTS)] for p in points[0])
-        screened = [_optimise(subset, moving_levels[0], a0, centre, radius, SCREEN_ITERATIONS,
-                              LEARNING_RATE_MM[0], cancel, similarity=True) for a0 in candidates]
+        report(progress, "affine", 0, len(levels),
+               f"choosing among {len(candidates)} starting poses")
+        subset = tuple(p[:: max(1, len(p) // SCREEN_POINTS)] for p in points[first])
+        screened = [_optimise(subset, moving_levels[first], a0, centre, radius, SCREEN_ITERATIONS,
+                              LEARNING_RATE_MM[first], cancel, similarity=True)
+                    for a0 in candidates]
         candidates = [min(screened, key=lambda result: result[1])[0]]
     best = candidates[0]
-    for index in range(n_levels):
-        report(progress, "affine", index, n_levels, f"{LEVELS_MM[index]:g} mm")
+    for step, index in enumerate(levels):
+        report(progress, "affine", step, len(levels), f"{LEVELS_MM[index]:g} mm")
         best, loss = _optimise(points[index], moving_levels[index], best, centre, radius,
                                ITERATIONS[index], LEARNING_RATE_MM[index], cancel,
-                               similarity=index < SIMILARITY_LEVELS)
-    report(progress, "affine", n_levels, n_levels, "done", mutual_information=-loss)
+                               similarity=step < SIMILARITY_LEVELS)
+    report(progress, "affine", len(levels), len(levels), "done", mutual_information=-loss)
     return best
 
 
@@ -171,23 +180,19 @@ def _pyramid(volume, mask, device, name: str) -> list[_Level]:
                 weight = F.avg_pool3d(weight, factors, factors, ceil_mode=True)
                 image = torch.where(weight > 0, total / weight.clamp(min=1e-6), 0.0)
             grid = _pooled_grid(grid, factors)
-        mask_level = None if weight is None else (weight >= 0.5).float()
-        if mask_level is not None and int(mask_level.sum()) < MIN_POINTS:
-            raise _too_little(name, spacing)
-        levels.append(_Level(image, mask_level, grid))
+        levels.append(_Level(image, None if weight is None else (weight >= 0.5).float(), grid))
     if not torch.isfinite(levels[0].image).all():  # averaging keeps NaN/Inf: check the small copy
         raise InputError(f"{name} image contains NaN or infinite values; "
                          "fix: replace them (e.g. with 0) before registering")
+    lo, hi = _intensity_range(levels[0], name)
     levels.reverse()
-    lo, hi = _intensity_range(levels[1], name)
     for level in levels:
         level.image = ((level.image - lo) / (hi - lo)).clamp(0.0, 1.0)
     return levels
 
 
-def _too_little(name: str, spacing: float) -> InputError:
-    return InputError(f"{name} mask covers too little of its image to align at {spacing:g} mm; "
-                      "fix: pass a larger mask (e.g. the whole brain) or none")
+def _voxel_count(level: _Level) -> int:
+    return level.image.numel() if level.mask is None else int(level.mask.sum())
 
 
 def _pooled_grid(grid: Grid, factors) -> Grid:
@@ -199,9 +204,15 @@ def _pooled_grid(grid: Grid, factors) -> Grid:
 
 
 def _intensity_range(level: _Level, name: str) -> tuple[float, float]:
-    values = level.image[0, 0]
-    values = values[level.mask[0, 0] > 0] if level.mask is not None else values.flatten()
-    lo, hi = torch.quantile(values.float(), torch.tensor([0.005, 0.995], device=values.device))
+    """0.5 and 99.5 percentiles (inside the mask) of the finest level, from <= 200k voxels."""
+    values = level.image.reshape(-1)
+    if level.mask is not None:
+        values = values[level.mask.reshape(-1) > 0]
+    if values.numel() == 0:
+        raise InputError(f"{name} mask does not cover any of its image; "
+                         "fix: pass the mask drawn on this image, or none")
+    values = values[:: max(1, values.numel() // 200_000)]
+    lo, hi = torch.quantile(values, torch.tensor([0.005, 0.995], device=values.device))
     if not hi > lo:
         raise InputError(f"{name} image is constant; fix: check that the right file was loaded")
     return float(lo), float(hi)
