@@ -12,12 +12,18 @@ Why it is built this way:
   resampling onto a working grid, and the 1 mm volumes are read once.  Fixed points are random
   positions in the fixed blocks, the moving image is read at the mapped points, both by trilinear
   interpolation (:func:`grid.sample`), so both sides are blurred alike and the optimum is unbiased.
-* **Parametrisation**: ``A = A0 @ D(p)`` with ``D(x) = c + (I + L/r)(x - c) + t``, ``c`` the fixed
+* **Parametrisation**: ``A = A0 @ D(p)`` with ``D(x) = c + expm(M/r)(x - c) + t``, ``c`` the fixed
   image's centre of mass and ``r`` its radius of gyration.  Every one of the 12 parameters is then
-  "millimetres of motion at the edge of the head", so one Adam learning rate suits them all.
-* **Start**: centres of mass, then the principal-axes rotations closest to identity (scanner
-  images are rarely more than ~45 degrees apart); each candidate gets a short run at the coarsest
-  level and the most similar one goes on.  A given ``initial`` matrix is the only candidate.
+  "millimetres of motion at the edge of the head", so one Adam learning rate suits them all, and
+  the exponential makes a rotation a rotation all the way (no stretching on the way to 45
+  degrees).  The coarsest level fits rotation and isotropic scale only, so shear cannot stand in
+  for a rotation there; 4 and 2 mm fit all 12.
+* **Start**: centres of mass, plus the principal-axes poses closest to identity (eigenvectors
+  have no sign, and no order when a head is nearly round in some plane); each candidate gets a
+  short run at the coarsest level and the most similar one goes on.  A given ``initial`` matrix
+  is the only candidate.  Measured capture range: 60-70 degrees about any axis.
+* **Too few points** (a small field of view or mask) make MI noisy and let it rise by sliding the
+  images apart; levels with fewer than ``MIN_POINTS`` are skipped.
 * **Points outside the moving field of view (or mask) are left out** of the histogram rather than
   read as background, so a moving scan that stops mid-head is not pulled towards its edge.
 """
