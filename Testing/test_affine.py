@@ -18,6 +18,7 @@ from scipy import ndimage
 from LiquidRegLib.affine import affine_register
 from LiquidRegLib.errors import Cancelled, InputError
 from LiquidRegLib.grid import Grid, resample
+from LiquidRegLib.io import read_volume
 
 SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "Sample"
 
@@ -68,7 +69,6 @@ def brain(request):
         return head_phantom((128, 152, 128), 1.5)
     if not (SAMPLE / "fixed_t1.nii.gz").exists():
         pytest.skip("no bundled sample brain in Resources/Sample")
-    from LiquidRegLib.io import read_volume
     return read_volume(SAMPLE / "fixed_t1.nii.gz")
 
 
@@ -108,7 +108,7 @@ def test_recovers_rotation_translation_and_scale(brain):
 
 
 def test_moving_stored_lps_oblique_anisotropic_with_other_intensities(brain):
-    """Storage (LPS, 20-30 degree oblique axes, 1.2 x 1.0 x 2.5 mm, a different field of view) and
+    """Storage (LPS, axes 25 degrees oblique, 1.2 x 1.0 x 2.5 mm, a different field of view) and
     a non-linear intensity scale must not matter: only world coordinates and MI are used."""
     points = foreground_points(brain)
     centre = points.mean(0)
@@ -141,7 +141,6 @@ def test_real_inter_subject_pair_agrees_with_label_centroid_fit():
     of their 96 labelled structures (an independent, intensity-free estimate)."""
     if not (SAMPLE / "moving_labels.nii.gz").exists():
         pytest.skip("no bundled sample pair in Resources/Sample")
-    from LiquidRegLib.io import read_volume
     fixed, moving = (read_volume(SAMPLE / f"{r}_t1.nii.gz") for r in ("fixed", "moving"))
     labels = [read_volume(SAMPLE / f"{r}_labels.nii.gz", dtype=None) for r in ("fixed", "moving")]
     ids = np.intersect1d(*(np.unique(v.array) for v in labels))
