@@ -388,6 +388,17 @@ def markdown(report: dict) -> str:
 
 
 # ---- main -------------------------------------------------------------------------------------
+def write_report(out: Path, name: str, report: dict, text: str) -> None:
+    """``name``.json and ``name``.md in ``out`` (atomically), and the table on stdout."""
+    from LiquidRegLib import io
+
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_json(out / f"{name}.json", report)
+    with io.atomic_output(out / f"{name}.md") as tmp:
+        tmp.write_text(text)
+    print(text)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--child"]:
@@ -409,7 +420,6 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="reuse finished runs in OUT/work")
     args = parser.parse_args(argv)
 
-    from LiquidRegLib import io
     from LiquidRegLib.errors import LiquidRegError
 
     out = Path(args.out)
@@ -452,12 +462,7 @@ def main(argv=None) -> int:
         pair_record.setdefault("labels", "-")
         report["pairs"].append(pair_record)
     report["mean"] = summarise(report["runs"], args.methods)
-    out.mkdir(parents=True, exist_ok=True)
-    io.write_json(out / "results.json", report)
-    text = markdown(report)
-    with io.atomic_output(out / "results.md") as tmp:
-        tmp.write_text(text)
-    print(text)
+    write_report(out, "results", report, markdown(report))
     return 0 if all(r.get("ok") for r in report["runs"]) else 1
 
 

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmark import THREAD_VARIABLES, machine, memory_mb, run_measured
+from benchmark import THREAD_VARIABLES, machine, memory_mb, run_measured, write_report
 
 BRAIN_SHAPE = (193, 229, 193)
 
@@ -206,8 +206,6 @@ def main(argv=None) -> int:
     args.train_steps = args.train_steps or (2 if quick else 5)
     iterations = args.iterations or (2 if quick else 10)
 
-    from LiquidRegLib import io
-
     out = Path(args.out)
     inputs, runs = out / "inputs", out / "runs"
     report = {"machine": machine(),
@@ -234,12 +232,7 @@ def main(argv=None) -> int:
         "seconds_per_step": refined["stages_s"]["instance_optimisation"] / iterations,
         "seconds_per_step_from_totals": (refined["wall_s"] - brain["wall_s"]) / iterations,
         "peak_rss_mb": refined["peak_rss_mb"], "run": refined}
-    out.mkdir(parents=True, exist_ok=True)
-    io.write_json(out / "speed.json", report)
-    text = markdown(report)
-    with io.atomic_output(out / "speed.md") as tmp:
-        tmp.write_text(text)
-    print(text)
+    write_report(out, "speed", report, markdown(report))
     return 0
 
 

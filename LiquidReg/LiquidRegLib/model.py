@@ -17,7 +17,7 @@ All fields are in voxel units of the network's working grid (see :mod:`diffeo`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
