@@ -40,23 +40,25 @@ def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9,
               eps: float = 1e-6) -> torch.Tensor:
     """Signed local normalised cross-correlation map, in [-1, 1] by construction.
 
-    Computed outside autocast.  Both images are standardised first, which makes ``eps`` (on the
-    product of per-voxel variances) independent of the intensity scale.  Window statistics are
-    summed in float64 so that Cauchy-Schwarz (|cov| <= sqrt(var_i var_j)) survives rounding with
-    ``eps`` as the margin; statistics use the number of voxels actually inside the image;
-    variances are clamped at zero because cancellation can make them slightly negative.  Flat
-    windows give 0.  The result is returned in fp32 and never clamped.
+    Computed outside autocast.  Both images are standardised first, which keeps the cumulative
+    box sums small for fp32 and makes ``eps`` (on the product of per-voxel variances) independent
+    of the intensity scale.  Statistics use the number of voxels actually inside the image.
+    Rounding can leave the estimates inconsistent, so before dividing (in float64) they are made
+    consistent: variances are clamped at zero and the variance product is kept at least cov^2
+    (Cauchy-Schwarz).  An fp32 covariance squares exactly in float64, so ``|cc| <= 1`` holds
+    exactly; ``eps`` sends flat windows to 0.  The result itself is never clamped.
     """
     with torch.autocast(device_type=fixed.device.type, enabled=False):
         i = _standardise(fixed.float())
         j = _standardise(warped.float())
-        count = _box_count(i.shape[2:], window, i.device).double()
-        stats = _box_sum(torch.cat([i, j, i * i, j * j, i * j], dim=1).double(), window) / count
+        count = _box_count(i.shape[2:], window, i.device)
+        stats = _box_sum(torch.cat([i, j, i * i, j * j, i * j], dim=1), window) / count
         mi, mj, mii, mjj, mij = stats.split(fixed.shape[1], dim=1)
-        var_i = (mii - mi * mi).clamp(min=0)
-        var_j = (mjj - mj * mj).clamp(min=0)
-        cross = mij - mi * mj
-        return (cross / torch.sqrt(var_i * var_j + eps)).float()
+        var_i = (mii - mi * mi).clamp(min=0).double()
+        var_j = (mjj - mj * mj).clamp(min=0).double()
+        cross = (mij - mi * mj).double()
+        variance = torch.maximum(var_i * var_j, cross * cross)
+        return (cross / torch.sqrt(variance + eps)).float()
 
 
 def lncc_loss(fixed, warped, window: int = 9, mask: torch.Tensor | None = None) -> torch.Tensor:
