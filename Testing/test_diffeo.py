@@ -96,3 +96,12 @@ def test_jacobian_ras_matches_simpleitk():
     theirs = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(image)).transpose(2, 1, 0)
     inner = (slice(1, -1),) * 3  # both use central differences inside
     np.testing.assert_allclose(ours[inner], theirs[inner], atol=1e-5)
+
+
+def test_pooled_grid_places_block_centres_in_the_world():
+    """A block-averaged array's grid puts each coarse voxel at the centre of its block."""
+    grid = oblique_grid((10, 9, 7))
+    coarse = grid.pooled((2, 3, 2))
+    assert coarse.shape == (5, 3, 4)
+    block_centre = grid.voxel_to_ras(np.array([2 * 1 + 0.5, 3 * 2 + 1.0, 2 * 0 + 0.5]))
+    np.testing.assert_allclose(coarse.voxel_to_ras([1, 2, 0]), block_centre, atol=1e-9)

@@ -30,7 +30,6 @@ Why it is built this way:
 from __future__ import annotations
 
 import itertools
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -185,7 +184,7 @@ def _pyramid(volume, mask, device, name: str) -> list[_Level]:
                 total = F.avg_pool3d(image * weight, factors, factors, ceil_mode=True)
                 weight = F.avg_pool3d(weight, factors, factors, ceil_mode=True)
                 image = torch.where(weight > 0, total / weight.clamp(min=1e-6), 0.0)
-            grid = _pooled_grid(grid, factors)
+            grid = grid.pooled(factors)
         levels.append(_Level(image, None if weight is None else (weight >= 0.5).float(), grid))
     if not torch.isfinite(levels[0].image).all():  # averaging keeps NaN/Inf: check the small copy
         raise InputError(f"{name} image contains NaN or infinite values; "
@@ -199,14 +198,6 @@ def _pyramid(volume, mask, device, name: str) -> list[_Level]:
 
 def _voxel_count(level: _Level) -> int:
     return level.image.numel() if level.mask is None else int(level.mask.sum())
-
-
-def _pooled_grid(grid: Grid, factors) -> Grid:
-    """Grid of an array averaged over blocks of ``factors`` voxels (block centres)."""
-    block = np.diag([*map(float, factors), 1.0])
-    block[:3, 3] = (np.asarray(factors) - 1) / 2.0
-    shape = [math.ceil(n / f) for n, f in zip(grid.shape, factors)]
-    return Grid(tuple(shape), grid.affine @ block)
 
 
 def _intensity_range(level: _Level, name: str) -> tuple[float, float]:

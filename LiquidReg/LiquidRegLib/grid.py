@@ -129,6 +129,14 @@ class Grid:
                 "origin": m[:3, 3].tolist(), "direction": (m[:3, :3] / spacing).ravel().tolist()}
 
     # ---- derived grids -------------------------------------------------------------------
+    def pooled(self, factors) -> "Grid":
+        """Grid of this grid's array averaged over blocks of ``factors`` voxels (block centres,
+        partial blocks at the far edges kept, as ``avg_pool3d(..., ceil_mode=True)``)."""
+        block = np.diag([*map(float, factors), 1.0])
+        block[:3, 3] = (np.asarray(factors, dtype=np.float64) - 1) / 2.0
+        shape = [int(np.ceil(n / f)) for n, f in zip(self.shape, factors)]
+        return Grid(tuple(shape), self.affine @ block)
+
     def canonical_working_grid(self, spacing_mm: float, multiple: int = 8,
                                max_size: int = 160) -> "Grid":
         """An isotropic RAS-ordered grid covering this grid's field of view.
