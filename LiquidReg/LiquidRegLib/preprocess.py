@@ -39,24 +39,25 @@ def working_grid(fixed_grid: Grid, spacing_mm: float, divisor: int) -> Grid:
     return fixed_grid.canonical_working_grid(spacing_mm, multiple=divisor)
 
 
+def working_image(volume, grid: Grid, world_map=None, mask=None, device="cpu") -> torch.Tensor:
+    """One image, intensity-normalised (inside ``mask`` if given), on ``grid``: (1, 1, I, J, K)."""
+    array = resample(normalise_intensity(volume.array, None if mask is None else mask.array),
+                     volume.grid, grid, world_map=world_map, device=device)
+    return torch.as_tensor(array, dtype=torch.float32, device=device)[None, None]
+
+
+def working_mask(mask, grid: Grid, world_map=None, device="cpu") -> torch.Tensor | None:
+    if mask is None:
+        return None
+    array = resample(mask.array.astype(np.float32), mask.grid, grid, world_map=world_map,
+                     device=device)
+    return torch.as_tensor(array > 0.5, dtype=torch.float32, device=device)[None, None]
+
+
 def to_working(fixed, moving, world_map: np.ndarray, grid: Grid, *, fixed_mask=None,
                moving_mask=None, device="cpu") -> WorkingPair:
     """Resample both volumes onto ``grid`` (moving through ``world_map``: fixed RAS -> moving RAS)."""
-    def tensor(a):
-        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)[None, None]
-
-    f = resample(normalise_intensity(fixed.array, _array(fixed_mask)), fixed.grid, grid, device=device)
-    m = resample(normalise_intensity(moving.array, _array(moving_mask)), moving.grid, grid,
-                 world_map=world_map, device=device)
-    fm = mm = None
-    if fixed_mask is not None:
-        fm = tensor(resample(fixed_mask.array.astype(np.float32), fixed_mask.grid, grid,
-                             device=device) > 0.5)
-    if moving_mask is not None:
-        mm = tensor(resample(moving_mask.array.astype(np.float32), moving_mask.grid, grid,
-                             world_map=world_map, device=device) > 0.5)
-    return WorkingPair(grid, tensor(f), tensor(m), fm, mm)
-
-
-def _array(volume):
-    return None if volume is None else volume.array
+    return WorkingPair(grid, working_image(fixed, grid, None, fixed_mask, device),
+                       working_image(moving, grid, world_map, moving_mask, device),
+                       working_mask(fixed_mask, grid, None, device),
+                       working_mask(moving_mask, grid, world_map, device))

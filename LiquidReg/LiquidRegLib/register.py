@@ -18,7 +18,7 @@ from . import checkpoint, diffeo, losses, metrics, train, validate
 from .devices import resolve_device
 from .errors import InputError
 from .grid import Grid, mapped_voxels, sample, voxel_to_world
-from .preprocess import to_working, working_grid
+from .preprocess import to_working, working_grid, working_image
 from .progress import check, report
 
 
@@ -94,14 +94,14 @@ def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool 
     check(cancel)
     report(progress, "resample", 0, 1, "bringing the mapping to full resolution")
     with torch.no_grad():
-        out = _full_resolution(model, velocity, wgrid, world_map, fixed, moving, result_dev)
-        warped_w = diffeo.warp(pair.moving, diffeo.exp_velocity(velocity, wgrid.shape, model.squarings))
-        sim_after = _similarity(pair, warped_w)
+        forward = diffeo.exp_velocity(velocity, wgrid.shape, model.squarings)
+        inverse = diffeo.exp_velocity(-velocity, wgrid.shape, model.squarings)
+        out = _full_resolution(forward, inverse, wgrid, world_map, fixed, moving, result_dev)
+        sim_after = _similarity(pair, diffeo.warp(pair.moving, forward))
+        unaligned = working_image(moving, wgrid, None, moving_mask, result_dev)
+        sim_before = _similarity(pair, unaligned)
     report(progress, "resample", 1, 1)
     lap("resample", t)
-    with torch.no_grad():
-        identity_pair = to_working(fixed, moving, np.eye(4), wgrid, device=result_dev)
-        sim_before = _similarity(identity_pair)
     timings["total"] = round(time.perf_counter() - started, 3)
     stats = metrics.jacobian_stats(out["jacobian"])
     summary = {
@@ -150,15 +150,16 @@ def _deformable(model, fixed, moving, world_map, dev, iterations, regularisation
     return velocity, pair, wgrid, instance
 
 
-def _full_resolution(model, velocity, wgrid: Grid, world_map, fixed, moving, dev) -> dict:
+def _full_resolution(forward_vox, inverse_vox, wgrid: Grid, world_map, fixed, moving, dev) -> dict:
     """Forward mapping, its Jacobian, the warped image and the inverse, at the input grids.
 
+    ``forward_vox``/``inverse_vox`` are exp(v) and exp(-v) on the working grid (voxel units).
     Points move between grids by 4x4 voxel maps in fp32 (no float64 RAS copies of 1 mm volumes);
     the working-grid fields are read with border padding.
     """
     world_map = np.asarray(world_map, dtype=np.float64)
-    forward = diffeo.voxel_to_ras_vectors(diffeo.exp_velocity(velocity, wgrid.shape, model.squarings), wgrid)
-    inverse = diffeo.voxel_to_ras_vectors(diffeo.exp_velocity(-velocity, wgrid.shape, model.squarings), wgrid)
+    forward = diffeo.voxel_to_ras_vectors(forward_vox, wgrid)
+    inverse = diffeo.voxel_to_ras_vectors(inverse_vox, wgrid)
 
     def read(field_ras, voxel_points):
         return sample(field_ras.permute(0, 4, 1, 2, 3), voxel_points[None],
