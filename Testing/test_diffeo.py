@@ -105,3 +105,29 @@ def test_pooled_grid_places_block_centres_in_the_world():
     assert coarse.shape == (5, 3, 4)
     block_centre = grid.voxel_to_ras(np.array([2 * 1 + 0.5, 3 * 2 + 1.0, 2 * 0 + 0.5]))
     np.testing.assert_allclose(coarse.voxel_to_ras([1, 2, 0]), block_centre, atol=1e-9)
+
+
+def test_transposed_grid_places_kji_arrays_in_the_same_world():
+    grid = oblique_grid((6, 5, 4))
+    flipped = grid.transposed()
+    assert flipped.shape == (4, 5, 6)
+    np.testing.assert_allclose(flipped.voxel_to_ras([3, 1, 5]), grid.voxel_to_ras([5, 1, 3]))
+
+
+def test_sampling_grid_folds_the_normalisation_into_the_point_map():
+    from LiquidRegLib.grid import mapped_voxels, sampling_grid, voxel_to_normalized
+    voxel_map = oblique_grid().affine @ np.diag([0.3, 0.2, 0.25, 1.0])
+    expected = voxel_to_normalized(mapped_voxels((7, 8, 9), voxel_map), (30, 20, 25))
+    torch.testing.assert_close(sampling_grid((7, 8, 9), voxel_map, (30, 20, 25)), expected)
+
+
+def test_threaded_sampling_equals_one_call(monkeypatch):
+    """Large CPU grids are sampled in slabs by several threads: same values, same layout."""
+    from LiquidRegLib import grid as G
+    volume = torch.randn(1, 4, 9, 10, 11, generator=torch.Generator().manual_seed(0))
+    points = torch.rand(1, 13, 7, 5, 3, generator=torch.Generator().manual_seed(1)) * 2.4 - 1.2
+    whole = G.sample_at(volume, points, padding_mode="border")
+    monkeypatch.setattr(G, "_PARALLEL_POINTS", 10)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    torch.testing.assert_close(G.sample_at(volume, points, padding_mode="border"), whole,
+                               rtol=0, atol=0)

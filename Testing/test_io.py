@@ -294,11 +294,11 @@ def test_read_volume_rejects(tmp_path, case, expected):
     assert expected in message and "\n" not in message and "moving image" in message
 
 
-def test_save_result_without_matplotlib_skips_only_the_figure(tmp_path, grids, monkeypatch):
+def test_save_result_without_pillow_skips_only_the_figure(tmp_path, grids, monkeypatch):
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+                        lambda name, *a: None if name == "PIL" else real(name, *a))
     paths = io.save_result(_fake_result(grids["RAS_aniso"], grids["LPS"]), tmp_path / "out")
     assert "overview" not in paths
     assert _files(tmp_path / "out") == sorted(set(io.RESULT_FILES.values()) - {"overview.png"})

@@ -1,6 +1,4 @@
 """``python -m LiquidRegLib`` runs the ``liquidreg`` command."""
-import sys
+from .cli import entry_point
 
-from .cli import main
-
-sys.exit(main())
+entry_point()

@@ -379,7 +379,7 @@ def save_result(result, out_dir, *, png: bool = True, fixed: Volume | None = Non
     Everything is written into a hidden staging folder inside ``out_dir`` (in parallel threads:
     zlib and file I/O release the GIL) and moved into place only when all files succeeded, so a
     failure or Ctrl-C leaves ``out_dir`` as it was.  ``fixed``/``moving`` feed the overview figure
-    (skipped when matplotlib is not installed).
+    (skipped when Pillow is not installed).
     """
     out_dir = Path(out_dir)
     created = not out_dir.exists()
@@ -393,7 +393,7 @@ def save_result(result, out_dir, *, png: bool = True, fixed: Volume | None = Non
     # Longest jobs first so the threads finish together.
     jobs = {"warp": lambda: write_displacement(staged["warp"], result.displacement,
                                                result.fixed_grid)}
-    if png and importlib.util.find_spec("matplotlib") is not None:  # optional: [figures] extra
+    if png and importlib.util.find_spec("PIL") is not None:  # optional: [figures] extra
         jobs["overview"] = lambda: _render_overview(staged["overview"], result, fixed, moving)
     jobs.update({
         "inverse_warp": lambda: write_displacement(staged["inverse_warp"],

@@ -6,7 +6,6 @@ definitions.  Distances are in millimetres using the grid's voxel spacing (aniso
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from .grid import Grid
 
@@ -51,6 +50,7 @@ def mean_dice(scores: dict) -> float:
 def surface(mask: np.ndarray) -> np.ndarray:
     """Boundary voxels of a binary mask (voxels with a 6-neighbour outside the mask)."""
     mask = np.asarray(mask, dtype=bool)
+    from scipy import ndimage  # here, not at import: registration never needs it
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
@@ -66,6 +66,7 @@ def surface_distances(mask_a: np.ndarray, mask_b: np.ndarray, spacing) -> np.nda
     surf_a, surf_b = surface(mask_a[crop]), surface(mask_b[crop])
     if not surf_a.any() or not surf_b.any():
         return np.array([np.inf])
+    from scipy import ndimage
     to_b = ndimage.distance_transform_edt(~surf_b, sampling=spacing)
     to_a = ndimage.distance_transform_edt(~surf_a, sampling=spacing)
     return np.concatenate([to_b[surf_a], to_a[surf_b]])

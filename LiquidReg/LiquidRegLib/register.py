@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import checkpoint, diffeo, losses, metrics, train, validate
 from .devices import resolve_device
 from .errors import InputError
-from .grid import Grid, mapped_voxels, sample, voxel_to_world
+from .grid import Grid, mapped_voxels, normalized_coordinates, sample_at, sampling_grid
 from .preprocess import to_working, working_grid, working_image
 from .progress import check, report
 
@@ -150,36 +150,65 @@ def _deformable(model, fixed, moving, world_map, dev, iterations, regularisation
     return velocity, pair, wgrid, instance
 
 
+def _mix(matrix: np.ndarray, field: torch.Tensor) -> torch.Tensor:
+    """Apply a 3x3 matrix to the vectors of an (N, 3, I, J, K) field."""
+    m = torch.tensor(np.asarray(matrix), dtype=field.dtype, device=field.device)
+    return torch.einsum("rc,ncijk->nrijk", m, field)
+
+
 def _full_resolution(forward_vox, inverse_vox, wgrid: Grid, world_map, fixed, moving, dev) -> dict:
     """Forward mapping, its Jacobian, the warped image and the inverse, at the input grids.
 
     ``forward_vox``/``inverse_vox`` are exp(v) and exp(-v) on the working grid (voxel units).
-    Points move between grids by 4x4 voxel maps in fp32 (no float64 RAS copies of 1 mm volumes);
-    the working-grid fields are read with border padding.
+    Each full-resolution quantity is an affine function of the voxel index plus a linear function
+    of the working-grid field, and trilinear interpolation commutes with linear maps.  So the
+    vectors are mapped (to RAS mm, to the moving image's sampling coordinates) on the small working
+    grid, and a full-resolution voxel costs one read of a 7-channel field plus a broadcast affine
+    sum: no per-voxel matrix products.  Fields are read with border padding; the affine part is
+    exact everywhere.  The Jacobian is det(A) det(I + Du), computed where the deformation is
+    defined (the working grid) and interpolated like the field itself.
+
+    Everything is computed on transposed ([k, j, i]) grids: the outputs come out in ITK/VTK
+    memory order and are returned as [i, j, k] views, so writers copy nothing.
     """
     world_map = np.asarray(world_map, dtype=np.float64)
-    forward = diffeo.voxel_to_ras_vectors(forward_vox, wgrid)
-    inverse = diffeo.voxel_to_ras_vectors(inverse_vox, wgrid)
+    eye = np.eye(4)
+    target, source, work = fixed.grid.transposed(), moving.grid.transposed(), wgrid.transposed()
 
-    def read(field_ras, voxel_points):
-        return sample(field_ras.permute(0, 4, 1, 2, 3), voxel_points[None],
-                      padding_mode="border")[0].permute(1, 2, 3, 0)
+    def on_work(field):  # (N, C, I, J, K) on wgrid -> the same values laid out on ``work``
+        return field.permute(0, 1, 4, 3, 2).contiguous()
 
-    # fixed x -> phi(x) = A (x + u(x))
-    x = mapped_voxels(fixed.grid.shape, fixed.grid.affine, dev)
-    phi = voxel_to_world(x + read(forward, mapped_voxels(fixed.grid.shape,
-                                                         wgrid.inverse @ fixed.grid.affine, dev)),
-                         world_map)
+    # fixed RAS -> sampling coordinates of the moving image (grid_sample convention, [i, j, k])
+    to_moving = normalized_coordinates(moving.grid.shape) @ moving.grid.inverse @ world_map
+    forward = _mix(wgrid.affine[:3, :3], forward_vox)  # u: RAS mm on the working grid
+    jacobian = (np.linalg.det(world_map[:3, :3]) * diffeo.jacobian_determinant(forward_vox))
+    channels = on_work(torch.cat([_mix(world_map[:3, :3], forward),
+                                  _mix(to_moving[:3, :3], forward), jacobian], dim=1))
+    del forward, jacobian
+    at_fixed = sample_at(channels, sampling_grid(target.shape, work.inverse @ target.affine,
+                                                 work.shape, dev)[None], padding_mode="border")[0]
+    del channels
+    # phi(x) = A (x + u(x)):  displacement phi(x) - x = (A - I) x + A u(x)
+    displacement = mapped_voxels(target.shape, (world_map - eye) @ target.affine, dev)
+    displacement.add_(at_fixed[:3].permute(1, 2, 3, 0))
     moving_tensor = torch.as_tensor(np.ascontiguousarray(moving.array), dtype=torch.float32,
                                     device=dev)[None, None]
-    warped = sample(moving_tensor, voxel_to_world(phi, moving.grid.inverse)[None])[0, 0]
-    displacement = phi.sub_(x)
-    del x
-    jacobian = diffeo.jacobian_determinant_ras(displacement, fixed.grid)
-    # moving y -> z + u^-1(z), z = A^-1 y
-    y = mapped_voxels(moving.grid.shape, moving.grid.affine, dev)
-    z = mapped_voxels(moving.grid.shape, np.linalg.inv(world_map) @ moving.grid.affine, dev)
-    inverse_displacement = (z + read(inverse, voxel_to_world(z, wgrid.inverse))).sub_(y)
-    return {"displacement": displacement.cpu().numpy(),
-            "inverse_displacement": inverse_displacement.cpu().numpy(),
-            "jacobian": jacobian.cpu().numpy(), "warped": warped.cpu().numpy()}
+    points = mapped_voxels(target.shape, to_moving @ target.affine, dev)
+    points.add_(at_fixed[3:6].permute(1, 2, 3, 0))
+    warped = sample_at(moving_tensor, points[None])[0, 0]
+    jacobian = at_fixed[6]
+    del points, at_fixed
+    # moving y -> z + u^-1(z), z = A^-1 y:  displacement (A^-1 - I) y + u^-1(z)
+    unmap = np.linalg.inv(world_map)
+    at_moving = sample_at(on_work(_mix(wgrid.affine[:3, :3], inverse_vox)),
+                          sampling_grid(source.shape, work.inverse @ unmap @ source.affine,
+                                        work.shape, dev)[None], padding_mode="border")[0]
+    inverse_displacement = mapped_voxels(source.shape, (unmap - eye) @ source.affine, dev)
+    inverse_displacement.add_(at_moving.permute(1, 2, 3, 0))
+
+    def ijk(tensor):  # [k, j, i, ...] -> an [i, j, k, ...] view of the same memory
+        array = tensor.cpu().numpy()
+        return array.transpose(2, 1, 0, *range(3, array.ndim))
+
+    return {"displacement": ijk(displacement), "inverse_displacement": ijk(inverse_displacement),
+            "jacobian": ijk(jacobian), "warped": ijk(warped)}
