@@ -46,11 +46,6 @@ def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool 
              regularisation: float | None = None, progress=None, cancel=None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (``io.Volume``-like objects) and return the full mapping."""
     timings, started = {}, time.perf_counter()
-
-    def lap(name, since):
-        timings[name] = round(time.perf_counter() - since, 3)
-        return time.perf_counter()
-
     if int(iterations) < 0:
         raise InputError(f"--iterations must be 0 (network only) or more, not {iterations}")
     validate.check_image(fixed, "fixed")
@@ -65,43 +60,23 @@ def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool 
             raise InputError("the initial affine must be a finite 4x4 matrix (RAS, fixed -> moving)")
     dev = resolve_device(device)
     model, info = checkpoint.load_model(weights, dev)
-    t = lap("load", started)
-
-    if affine:
-        from .affine import affine_register
-        world_map = affine_register(fixed, moving, initial=initial_affine, fixed_mask=fixed_mask,
-                                    moving_mask=moving_mask, device=dev, progress=progress,
-                                    cancel=cancel)
-    else:
-        world_map = initial_affine if initial_affine is not None else np.eye(4)
-    validate.check_overlap(fixed, moving, world_map)
-    t = lap("affine", t)
-
+    timings["load"] = round(time.perf_counter() - started, 3)
+    options = dict(affine=affine, initial_affine=initial_affine, fixed_mask=fixed_mask,
+                   moving_mask=moving_mask, iterations=int(iterations),
+                   regularisation=regularisation, progress=progress, cancel=cancel)
     try:
         result_dev = dev
-        velocity, pair, wgrid, instance = _deformable(model, fixed, moving, world_map, dev,
-                                                      iterations, regularisation, fixed_mask,
-                                                      moving_mask, progress, cancel, timings)
+        world_map, wgrid, out, similarity, instance = _register_on(dev, model, fixed, moving,
+                                                                   timings, **options)
     except torch.cuda.OutOfMemoryError:
+        if dev.type != "cuda":
+            raise
         warnings.warn("CUDA ran out of memory; falling back to the CPU (slower, same result)")
         torch.cuda.empty_cache()
         result_dev = torch.device("cpu")
         model.to(result_dev)
-        velocity, pair, wgrid, instance = _deformable(model, fixed, moving, world_map, result_dev,
-                                                      iterations, regularisation, fixed_mask,
-                                                      moving_mask, progress, cancel, timings)
-    t = time.perf_counter()
-    check(cancel)
-    report(progress, "resample", 0, 1, "bringing the mapping to full resolution")
-    with torch.no_grad():
-        forward = diffeo.exp_velocity(velocity, wgrid.shape, model.squarings)
-        inverse = diffeo.exp_velocity(-velocity, wgrid.shape, model.squarings)
-        out = _full_resolution(forward, inverse, wgrid, world_map, fixed, moving, result_dev)
-        sim_after = _similarity(pair, diffeo.warp(pair.moving, forward))
-        unaligned = working_image(moving, wgrid, None, moving_mask, result_dev)
-        sim_before = _similarity(pair, unaligned)
-    report(progress, "resample", 1, 1)
-    lap("resample", t)
+        world_map, wgrid, out, similarity, instance = _register_on(result_dev, model, fixed,
+                                                                   moving, timings, **options)
     timings["total"] = round(time.perf_counter() - started, 3)
     stats = metrics.jacobian_stats(out["jacobian"])
     summary = {
@@ -114,9 +89,7 @@ def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool 
         "pct_folding": stats["pct_folding"],
         "std_log_jac": stats["std_log_jac"],
         "jacobian": stats,
-        "similarity": {"metric": "mean local NCC (5^3 window, half working resolution)",
-                       "before": sim_before, "after_affine": _similarity(pair),
-                       "after": sim_after},
+        "similarity": similarity,
     }
     if instance is not None:
         summary["instance_optimisation"] = {"steps": instance.step, "skipped": instance.skipped,
@@ -124,6 +97,40 @@ def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool 
     return RegistrationResult(fixed.grid, moving.grid, out["displacement"],
                               out["inverse_displacement"], out["jacobian"], out["warped"],
                               np.asarray(world_map, dtype=np.float64), summary)
+
+
+def _register_on(dev, model, fixed, moving, timings, *, affine, initial_affine, fixed_mask,
+                 moving_mask, iterations, regularisation, progress, cancel):
+    """Everything that runs on ``dev``: affine, network (+ instance optimisation), outputs at the
+    input grids and the similarity report.  One unit, so a CUDA out-of-memory anywhere in it
+    can be retried on the CPU."""
+    t = time.perf_counter()
+    if affine:
+        from .affine import affine_register
+        world_map = affine_register(fixed, moving, initial=initial_affine, fixed_mask=fixed_mask,
+                                    moving_mask=moving_mask, device=dev, progress=progress,
+                                    cancel=cancel)
+    else:
+        world_map = initial_affine if initial_affine is not None else np.eye(4)
+    validate.check_overlap(fixed, moving, world_map)
+    timings["affine"] = round(time.perf_counter() - t, 3)
+    velocity, pair, wgrid, instance = _deformable(model, fixed, moving, world_map, dev, iterations,
+                                                  regularisation, fixed_mask, moving_mask,
+                                                  progress, cancel, timings)
+    t = time.perf_counter()
+    check(cancel)
+    report(progress, "resample", 0, 1, "bringing the mapping to full resolution")
+    with torch.no_grad():
+        forward = diffeo.exp_velocity(velocity, wgrid.shape, model.squarings)
+        inverse = diffeo.exp_velocity(-velocity, wgrid.shape, model.squarings)
+        out = _full_resolution(forward, inverse, wgrid, world_map, fixed, moving, dev)
+        unaligned = working_image(moving, wgrid, None, moving_mask, dev)
+        similarity = {"metric": "mean local NCC (5^3 window, half working resolution)",
+                      "before": _similarity(pair, unaligned), "after_affine": _similarity(pair),
+                      "after": _similarity(pair, diffeo.warp(pair.moving, forward))}
+    report(progress, "resample", 1, 1)
+    timings["resample"] = round(time.perf_counter() - t, 3)
+    return world_map, wgrid, out, similarity, instance
 
 
 def _deformable(model, fixed, moving, world_map, dev, iterations, regularisation, fixed_mask,
