@@ -131,3 +131,16 @@ def test_threaded_sampling_equals_one_call(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     torch.testing.assert_close(G.sample_at(volume, points, padding_mode="border"), whole,
                                rtol=0, atol=0)
+
+
+def test_threaded_sampling_keeps_the_callers_autograd_mode(monkeypatch):
+    from LiquidRegLib import grid as G
+    monkeypatch.setattr(G, "_PARALLEL_POINTS", 10)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    volume = torch.randn(1, 2, 6, 7, 8, requires_grad=True)
+    points = torch.zeros(1, 4, 3, 2, 3, requires_grad=True)
+    with torch.no_grad():
+        assert not G.sample_at(volume, points).requires_grad
+    out = G.sample_at(volume, points)
+    out.sum().backward()
+    assert volume.grad is not None and points.grad is not None
