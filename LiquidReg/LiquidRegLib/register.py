@@ -65,22 +65,20 @@ def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool 
                    moving_mask=moving_mask, iterations=int(iterations),
                    regularisation=regularisation, progress=progress, cancel=cancel)
     try:
-        result_dev = dev
-        world_map, wgrid, out, similarity, instance = _register_on(dev, model, fixed, moving,
-                                                                   timings, **options)
+        outcome = _register_on(dev, model, fixed, moving, timings, **options)
     except torch.cuda.OutOfMemoryError:
         if dev.type != "cuda":
             raise
         warnings.warn("CUDA ran out of memory; falling back to the CPU (slower, same result)")
         torch.cuda.empty_cache()
-        result_dev = torch.device("cpu")
-        model.to(result_dev)
-        world_map, wgrid, out, similarity, instance = _register_on(result_dev, model, fixed,
-                                                                   moving, timings, **options)
+        dev = torch.device("cpu")
+        model.to(dev)
+        outcome = _register_on(dev, model, fixed, moving, timings, **options)
+    world_map, wgrid, out, similarity, instance = outcome
     timings["total"] = round(time.perf_counter() - started, 3)
     stats = metrics.jacobian_stats(out["jacobian"])
     summary = {
-        "device": str(result_dev),
+        "device": str(dev),
         "model": {k: info[k] for k in ("name", "version", "sha256", "path")},
         "iterations": int(iterations),
         "affine": bool(affine),
