@@ -81,6 +81,8 @@ def run_child(method: str, fixed: str, moving: str, workdir: str, iterations: in
 
         torch.set_num_threads(threads)
         from LiquidRegLib import io, register
+        from LiquidRegLib.devices import reuse_freed_memory
+        reuse_freed_memory()  # as the `liquidreg` command does
         baseline = memory_mb("VmRSS")
         start = time.perf_counter()
         fixed_volume = io.read_volume(fixed, name="fixed image")

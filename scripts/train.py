@@ -29,7 +29,7 @@ from LiquidRegLib.data import labels as L
 from LiquidRegLib.data.deform import DeformConfig
 from LiquidRegLib.data.pairs import PairSampler
 from LiquidRegLib.model import LiquidReg, ModelConfig
-from LiquidRegLib.devices import resolve_device
+from LiquidRegLib.devices import resolve_device, reuse_freed_memory
 
 
 #: Registration runs after the affine stage, so pairs only need the affine residual.
@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     parser.add_argument("--labels-per-step", type=int, default=12,
                         help="Dice over this many random shared labels per step (bounds memory)")
     args = parser.parse_args(argv)
+    reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -524,29 +524,10 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _reuse_freed_memory() -> None:
-    """Have glibc keep freed memory for reuse instead of returning it to the system.
-
-    A registration allocates and frees many 100 MB arrays; by default glibc maps each one afresh,
-    and faulting in those pages costs ~5x the arithmetic of an element-wise pass over a 1 mm field
-    (about a second per registration).  Only the command-line process is tuned: it is short-lived.
-    Its peak memory grows a little (1.8 -> 2.2 GB on a 1 mm brain).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        libc.mallopt(m_mmap_max, 0)
-        libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
-    except (OSError, AttributeError):  # not glibc: keep the defaults
-        pass
-
-
 def main(argv=None) -> int:
     if argv is None:  # a real process, not a call from Python code
-        _reuse_freed_memory()
+        from .devices import reuse_freed_memory
+        reuse_freed_memory()
     args = build_parser().parse_args(argv)
     mode = args.progress
     if args.quiet and mode == "bar":

@@ -1,5 +1,8 @@
-"""Which torch device to run on: "auto" takes CUDA when PyTorch sees a GPU."""
+"""Which torch device to run on ("auto" takes CUDA when PyTorch sees a GPU), and how a
+LiquidReg process uses the CPU's memory."""
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -24,3 +27,24 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return "cpu"
+
+
+def reuse_freed_memory() -> None:
+    """Have glibc keep freed memory for reuse instead of returning it to the system.
+
+    Registration and training allocate and free many large arrays (100 MB each for a 1 mm
+    field); by default glibc maps each one afresh, and faulting in those pages costs ~5x the
+    arithmetic of an element-wise pass.  Measured: ~1 s less per 1 mm registration, 8 % less per
+    training step.  For short-lived processes only (``liquidreg``, the training script), never
+    inside Slicer: peak memory grows a little (1.8 -> 2.2 GB on a 1 mm brain).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        libc.mallopt(m_mmap_max, 0)
+        libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
+    except (OSError, AttributeError):  # not glibc: keep the defaults
+        pass
