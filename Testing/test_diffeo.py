@@ -121,26 +121,27 @@ def test_sampling_grid_folds_the_normalisation_into_the_point_map():
     torch.testing.assert_close(sampling_grid((7, 8, 9), voxel_map, (30, 20, 25)), expected)
 
 
-def test_threaded_sampling_equals_one_call(monkeypatch):
-    """Large CPU grids are sampled in slabs by several threads: same values, same layout."""
+@pytest.mark.parametrize("depth", [13, 12])  # uneven and even slabs
+@pytest.mark.parametrize("channels, mode, padding", [(4, "bilinear", "border"),
+                                                     (1, "bilinear", "zeros"),
+                                                     (2, "nearest", "zeros")])
+def test_slab_sampling_equals_one_call_with_gradients(monkeypatch, depth, channels, mode, padding):
+    """Large CPU grids are sampled as a batch of slabs: same values, same gradients."""
     from LiquidRegLib import grid as G
-    volume = torch.randn(1, 4, 9, 10, 11, generator=torch.Generator().manual_seed(0))
-    points = torch.rand(1, 13, 7, 5, 3, generator=torch.Generator().manual_seed(1)) * 2.4 - 1.2
-    whole = G.sample_at(volume, points, padding_mode="border")
-    monkeypatch.setattr(G, "_PARALLEL_POINTS", 10)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    torch.testing.assert_close(G.sample_at(volume, points, padding_mode="border"), whole,
-                               rtol=0, atol=0)
+    generator = torch.Generator().manual_seed(0)
+    volume = torch.randn(1, channels, 9, 10, 11, generator=generator, requires_grad=True)
+    points = (torch.rand(1, depth, 7, 5, 3, generator=generator) * 2.4 - 1.2).requires_grad_()
+    results = []
+    for threshold in (10 ** 9, 10):  # one call, then slabs
+        monkeypatch.setattr(G, "_PARALLEL_POINTS", threshold)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+        out = G.sample_at(volume, points, mode=mode, padding_mode=padding)
+        (out * torch.linspace(-1, 2, out.numel()).view(out.shape)).sum().backward()
+        results.append((out.detach(), volume.grad.clone(), points.grad.clone()))
+        volume.grad, points.grad = None, None
+    (whole, grad_volume, grad_points), (slabs, slab_grad_volume, slab_grad_points) = results
+    assert slabs.shape == whole.shape
+    torch.testing.assert_close(slabs, whole, rtol=0, atol=0)
+    torch.testing.assert_close(slab_grad_points, grad_points, rtol=0, atol=0)
+    torch.testing.assert_close(slab_grad_volume, grad_volume, rtol=1e-6, atol=1e-6)  # sum order
 
-
-def test_threaded_sampling_keeps_the_callers_autograd_mode(monkeypatch):
-    from LiquidRegLib import grid as G
-    monkeypatch.setattr(G, "_PARALLEL_POINTS", 10)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    volume = torch.randn(1, 2, 6, 7, 8, requires_grad=True)
-    points = torch.zeros(1, 4, 3, 2, 3, requires_grad=True)
-    with torch.no_grad():
-        assert not G.sample_at(volume, points).requires_grad
-    out = G.sample_at(volume, points)
-    out.sum().backward()
-    assert volume.grad is not None and points.grad is not None

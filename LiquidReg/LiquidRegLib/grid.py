@@ -12,8 +12,6 @@ Conventions used everywhere in LiquidReg (and nowhere redefined):
 """
 from __future__ import annotations
 
-import functools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -235,13 +233,8 @@ def sampling_grid(target_shape, voxel_map: np.ndarray, source_shape, device=None
     return mapped_voxels(target_shape, normalized_coordinates(source_shape) @ voxel_map, device)
 
 
-#: Below this many points one call is fast enough; above it, CPU sampling is split across threads.
-_PARALLEL_POINTS = 1 << 20
-
-
-@functools.lru_cache(maxsize=1)
-def _sampling_pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="liquidreg-sample")
+#: Below this many points one call is fast enough; above it, CPU sampling is split into slabs.
+_PARALLEL_POINTS = 1 << 16
 
 
 def sample_at(volume: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
@@ -249,24 +242,28 @@ def sample_at(volume: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     """Sample an (N, C, I, J, K) volume at ``grid_sample`` coordinates (N, ..., 3).
 
     Points outside the volume get ``padding_mode`` ("zeros" for images: outside is background,
-    "border" for displacement fields); coordinates are never clamped.  PyTorch's 3-D CPU sampler
-    parallelises over the batch only, so a large single-volume grid is split into slabs sampled
-    by one thread each (the kernel releases the GIL): ~2x on 2 cores for a 1 mm brain.
+    "border" for displacement fields); coordinates are never clamped.
+
+    PyTorch's 3-D CPU sampler parallelises over the batch only, forward and backward.  So a large
+    single-volume grid is cut into one slab per thread, given to the sampler as a batch over the
+    same (expanded, not copied) volume: ~2x on 2 cores for registration outputs, instance
+    optimisation and training alike, with autograd intact.
     """
     grid = grid.to(volume.dtype)
-    grad = torch.is_grad_enabled()  # thread-local: the worker threads must follow the caller
-
-    def run(points):
-        with torch.set_grad_enabled(grad):
-            return F.grid_sample(volume, points, mode=mode, padding_mode=padding_mode,
-                                 align_corners=True)
-
-    workers = min(torch.get_num_threads(), grid.shape[1])
-    if (volume.device.type != "cpu" or volume.shape[0] != 1 or workers < 2
+    slabs = min(torch.get_num_threads(), grid.shape[1])
+    if (volume.device.type != "cpu" or volume.shape[0] != 1 or grid.dim() != 5 or slabs < 2
             or grid[..., 0].numel() < _PARALLEL_POINTS):
-        return run(grid)
-    slabs = list(_sampling_pool(workers).map(run, grid.chunk(workers, dim=1)))
-    return torch.cat(slabs, dim=2)
+        return F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode,
+                             align_corners=True)
+    depth = grid.shape[1]
+    pad = -depth % slabs  # rows repeated so the slabs are equal; their samples are dropped
+    if pad:
+        grid = torch.cat([grid, grid[:, -1:].expand(1, pad, *grid.shape[2:])], dim=1)
+    out = F.grid_sample(volume.expand(slabs, *volume.shape[1:]),
+                        grid.reshape(slabs, -1, *grid.shape[2:]), mode=mode,
+                        padding_mode=padding_mode, align_corners=True)
+    out = out.transpose(0, 1).reshape(1, volume.shape[1], depth + pad, *grid.shape[2:4])
+    return out[:, :, :depth]
 
 
 def sample(volume: torch.Tensor, voxel_points: torch.Tensor, mode: str = "bilinear",
