@@ -135,6 +135,22 @@ def test_resume_continues_with_identical_results(tmp_path):
         assert torch.equal(v, resumed.state_dict()[k]), k
 
 
+def test_resume_takes_the_learning_rate_of_the_new_config(tmp_path):
+    """Everything else resumes from the checkpoint; the learning rate is the caller's (a run can
+    finish at a lower rate).  With lr 0 the resumed steps must leave the weights unchanged."""
+    path = tmp_path / "run.ckpt"
+    model = small_model()
+    train.run(model, synthetic_batch, train.TrainConfig(steps=3, checkpoint_every=3),
+              checkpoint_path=path)
+    at_three = {k: v.clone() for k, v in model.state_dict().items()}
+    resumed = small_model(seed=123)
+    state = train.run(resumed, synthetic_batch, train.TrainConfig(steps=6, lr=0.0),
+                      checkpoint_path=path, resume=True)
+    assert state.step == 6
+    for k, v in at_three.items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
 def test_checkpoint_killed_mid_write_leaves_previous_loadable(tmp_path):
     """A process SIGKILLed while writing checkpoints never leaves a half-written file."""
     target = tmp_path / "run.ckpt"

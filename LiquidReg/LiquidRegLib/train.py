@@ -192,6 +192,8 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
         content, _ = checkpoint.load(checkpoint_path, kind="checkpoint")
         core.load_state_dict(content["model"])
         optimizer.load_state_dict(content["optimizer"])
+        for group in optimizer.param_groups:  # the caller's config decides the learning rate
+            group["lr"] = config.lr            # (e.g. a lower one to finish a long run)
         scaler.load_state_dict(content["scaler"])
         _set_rng_state(content["rng"])
         state = RunState(**content["state"])
