@@ -186,7 +186,7 @@ def _full_resolution(forward_vox, inverse_vox, wgrid: Grid, world_map, fixed, mo
     # fixed RAS -> sampling coordinates of the moving image (grid_sample convention, [i, j, k])
     to_moving = normalized_coordinates(moving.grid.shape) @ moving.grid.inverse @ world_map
     forward = _mix(wgrid.affine[:3, :3], forward_vox)  # u: RAS mm on the working grid
-    jacobian = (np.linalg.det(world_map[:3, :3]) * diffeo.jacobian_determinant(forward_vox))
+    jacobian = np.linalg.det(world_map[:3, :3]) * diffeo.jacobian_determinant(forward_vox)
     channels = on_work(torch.cat([_mix(world_map[:3, :3], forward),
                                   _mix(to_moving[:3, :3], forward), jacobian], dim=1))
     del forward, jacobian
