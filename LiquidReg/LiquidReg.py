@@ -73,7 +73,7 @@ device="auto")</code> returns the transform, Jacobian and warped volume nodes.</
 LiquidReg uses PyTorch through the SlicerPyTorch extension (Fernando Perez-Garcia, Andras Lasso)
 and follows the conventions of 3D Slicer's registration modules. The sample pair is derived from
 the MNI ICBM152 2009a template and FreeSurfer's fsaverage; their terms are in
-Resources/Sample/LICENSES of the extension.
+LiquidRegLib/resources/sample/LICENSES of the extension.
 """)
 
 

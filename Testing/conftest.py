@@ -9,7 +9,6 @@ grids can then be checked against the truth.
 from __future__ import annotations
 
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,17 +137,15 @@ def fake_engine(monkeypatch):
     return calls
 
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Sample"
-
-
 def small_brain(kind: str, extent_mm=(112, 128, 112), spacing=2.0):
     """The bundled sample's ``kind`` ("fixed"/"moving") T1 and labels, cropped around the brain
     centre and resampled at ``spacing`` mm: a real brain small enough for fast engine tests."""
     from LiquidRegLib import io
     from LiquidRegLib.grid import resample
+    from LiquidRegLib.resources import sample_paths
 
-    t1 = io.read_volume(SAMPLE_DIR / f"{kind}_t1.nii.gz")
-    labels = io.read_volume(SAMPLE_DIR / f"{kind}_labels.nii.gz", dtype=None)
+    t1 = io.read_volume(sample_paths()[f"{kind}_t1"])
+    labels = io.read_volume(sample_paths()[f"{kind}_labels"], dtype=None)
     centre = t1.grid.voxel_to_ras(np.argwhere(labels.array > 0).mean(axis=0))
     shape = tuple(int(round(e / spacing)) for e in extent_mm)
     affine = np.diag([spacing, spacing, spacing, 1.0])

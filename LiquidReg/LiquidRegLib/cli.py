@@ -89,15 +89,12 @@ class Reporter:
 # ---- shared helpers --------------------------------------------------------------------------
 def _sample_pair() -> tuple[Path, Path]:
     """The bundled sample pair, used when FIXED and MOVING are omitted."""
-    try:
-        from .data.sample import sample_paths
-        paths = sample_paths()
-        fixed, moving = paths["fixed_t1"], paths["moving_t1"]
-    except (ImportError, KeyError):
-        fixed = moving = None
-    if fixed is None or not fixed.is_file() or not moving.is_file():
-        raise InputError("no FIXED and MOVING images were given and the bundled sample pair is not "
-                         "installed; pass FIXED and MOVING image files")
+    from .resources import sample_paths
+    paths = sample_paths()
+    fixed, moving = paths["fixed_t1"], paths["moving_t1"]
+    if not fixed.is_file() or not moving.is_file():
+        raise InputError("no FIXED and MOVING images were given and the bundled sample pair is "
+                         "missing from this installation; pass FIXED and MOVING image files")
     return fixed, moving
 
 
@@ -346,21 +343,16 @@ def pairs_from_folder(folder) -> list[tuple]:
 
 
 def run_finetune(args, reporter: Reporter) -> None:
-    from . import checkpoint
     from . import train
+    from .resources import check_new_weights_path
 
-    out = Path(args.output)
-    if out.resolve() == Path(checkpoint.DEFAULT_WEIGHTS).resolve():
-        raise InputError(f"refusing to overwrite the shipped weights '{out}'; pass another output "
-                         "file, e.g. -o my_weights.pt")
-    if out.exists() and not args.overwrite:
-        raise InputError(f"output '{out}' already exists; choose a new file name or add "
-                         "--overwrite")
+    out = check_new_weights_path(args.output, overwrite=args.overwrite)  # before any work
     _check_output_file(out, "weights")
     pairs = pairs_from_csv(args.pairs) if args.pairs else pairs_from_folder(args.images)
     reporter.info(f"fine-tuning on {len(pairs)} pair(s) for {args.steps} steps")
     summary = train.finetune(pairs, out, steps=args.steps, weights=args.weights,
-                             device=args.device, progress=reporter, cancel=None)
+                             device=args.device, overwrite=args.overwrite, progress=reporter,
+                             cancel=None)
     reporter.info(f"wrote {out}")
     reporter.done(output=str(out), summary=summary)
 
