@@ -105,43 +105,103 @@ def _grid_of(image_or_reader, label: str) -> Grid:
                          "the file header") from None
 
 
-def _nifti_complete(path, data_bytes: int) -> bool:
+@dataclass(frozen=True)
+class _NiftiHeader:
+    endian: str
+    datatype: int
+    shape: tuple            # numpy shape of the stored voxels (slowest axis first)
+    offset: int             # where the voxels start
+    slope: float
+    inter: float
+    compressed: bool
+
+
+#: NIfTI float datatypes.  ITK's NIfTI library turns NaN/Inf in them into 0 while reading
+#: (``nifti_read_buffer``), so they are read here and the values kept for validation to refuse.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_header(path) -> _NiftiHeader | None:
+    """The fields of a NIfTI-1/-2 header needed to read or size its voxels (None: not NIfTI)."""
+    compressed = str(path).lower().endswith(".gz")
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+        header = f.read(540)
+    endian = "<" if int.from_bytes(header[:4], "little") in (348, 540) else ">"
+    (size,) = struct.unpack(endian + "i", header[:4])
+    if size == 348:
+        dims = struct.unpack(endian + "8h", header[40:56])
+        datatype = struct.unpack(endian + "h", header[70:72])[0]
+        offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        slope, inter = struct.unpack(endian + "2f", header[112:120])
+    elif size == 540:
+        datatype = struct.unpack(endian + "h", header[12:14])[0]
+        dims = struct.unpack(endian + "8q", header[16:80])
+        offset = struct.unpack(endian + "q", header[168:176])[0]
+        slope, inter = struct.unpack(endian + "2d", header[176:192])
+    else:
+        return None
+    shape = tuple(int(n) for n in reversed(dims[1:1 + max(int(dims[0]), 1)]))
+    return _NiftiHeader(endian, int(datatype), shape, offset, float(slope), float(inter),
+                        compressed)
+
+
+def _nifti_complete(path, header: _NiftiHeader, data_bytes: int) -> bool:
     """Whether a NIfTI file holds all its voxels.
 
     ITK's NIfTI reader silently zero-fills a truncated file (an interrupted copy or download),
     which would register garbage; NRRD and MetaImage readers report it themselves.  The header
     gives where the voxels start; gzip's trailer gives the uncompressed length (mod 2^32).
     """
-    compressed = str(path).lower().endswith(".gz")
-    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
-        header = f.read(176)
-    endian = "<" if int.from_bytes(header[:4], "little") in (348, 540) else ">"
-    (header_size,) = struct.unpack(endian + "i", header[:4])
-    if header_size == 348:
-        offset = int(struct.unpack(endian + "f", header[108:112])[0])
-    elif header_size == 540:
-        offset = int(struct.unpack(endian + "q", header[168:176])[0])
-    else:
-        return True
-    expected = offset + data_bytes
-    if not compressed:
+    expected = header.offset + data_bytes
+    if not header.compressed:
         return os.path.getsize(path) >= expected
     with open(path, "rb") as f:
         f.seek(-4, os.SEEK_END)
         return int.from_bytes(f.read(4), "little") == expected % (1 << 32)
 
 
-def _execute(reader: sitk.ImageFileReader, path, name: str) -> sitk.Image:
+def _nifti_float_voxels(path, header: _NiftiHeader) -> np.ndarray:
+    """The voxels of a float NIfTI as stored, NaN/Inf included, laid out as SimpleITK's array
+    view ([k, j, i] plus a trailing component axis for vector images); EOFError if truncated."""
+    dtype = np.dtype(header.endian + _NIFTI_FLOATS[header.datatype])
+    voxels = np.empty(int(np.prod(header.shape)), dtype=dtype)
+    target = memoryview(voxels).cast("B")
+    filled = 0
+    with (gzip.open(path, "rb") if header.compressed else open(path, "rb")) as f:
+        f.seek(header.offset)
+        while filled < len(target):
+            count = f.readinto(target[filled:filled + (1 << 24)])
+            if not count:
+                raise EOFError("truncated")
+            filled += count
+    voxels = voxels.astype(dtype.newbyteorder("="), copy=False).reshape(header.shape)
+    if header.slope not in (0.0, 1.0) or (header.slope and header.inter):
+        voxels = voxels * voxels.dtype.type(header.slope) + voxels.dtype.type(header.inter)
+    if voxels.ndim == 5:  # a vector image: NIfTI stores (component, t=1, k, j, i)
+        return np.moveaxis(voxels.reshape(voxels.shape[0], *voxels.shape[2:]), 0, -1)
+    return voxels.reshape(voxels.shape[-3:])  # 3-D, possibly stored with trailing 1-sized dims
+
+
+def _voxels(reader: sitk.ImageFileReader, path, name: str) -> tuple[np.ndarray, object]:
+    """The image's voxels as SimpleITK lays them out, and the object that owns their memory."""
     problem = (f"{name} '{path}' cannot be read: its voxel data is corrupt or truncated; "
                "re-export or copy it again")
     try:
+        header = _nifti_header(path) if image_extension(path) in (".nii", ".nii.gz") else None
+        if header is not None and header.datatype in _NIFTI_FLOATS:
+            voxels = _nifti_float_voxels(path, header)
+            components = reader.GetNumberOfComponents()
+            expected = tuple(reversed(reader.GetSize())) + ((components,) if components > 1 else ())
+            if voxels.shape != expected:
+                raise InputError(problem)
+            return voxels, voxels
         image = reader.Execute()
-        data_bytes = sitk.GetArrayViewFromImage(image).nbytes
-        if image_extension(path) in (".nii", ".nii.gz") and not _nifti_complete(path, data_bytes):
+        view = sitk.GetArrayViewFromImage(image)
+        if header is not None and not _nifti_complete(path, header, view.nbytes):
             raise InputError(problem)
-    except (RuntimeError, OSError, EOFError, struct.error):
+    except (RuntimeError, OSError, EOFError, struct.error, zlib.error, ValueError):
         raise InputError(problem) from None
-    return image
+    return view, image
 
 
 def read_grid(path, *, name: str = "image") -> Grid:
@@ -161,8 +221,7 @@ def read_volume(path, *, name: str = "image", dtype=np.float32) -> Volume:
     label = describe(path, name)
     _check_scalar_3d(reader, label)
     grid = _grid_of(reader, label)
-    image = _execute(reader, path, name)
-    view = sitk.GetArrayViewFromImage(image)  # [k, j, i]
+    view, _owner = _voxels(reader, path, name)  # [k, j, i]
     if np.iscomplexobj(view):
         raise InputError(f"{label} has complex voxels; pass the magnitude image")
     array = np.ascontiguousarray(view.transpose(2, 1, 0), dtype=dtype)
@@ -179,8 +238,7 @@ def read_displacement(path, *, name: str = "transform") -> tuple[np.ndarray, Gri
                          f"and {reader.GetNumberOfComponents()} values per voxel); pass an ITK/ANTs "
                          "warp, e.g. warp.nii.gz written by 'liquidreg register'")
     grid = _grid_of(reader, label)
-    image = _execute(reader, path, name)
-    view = sitk.GetArrayViewFromImage(image)  # [k, j, i, c], LPS
+    view, _owner = _voxels(reader, path, name)  # [k, j, i, c], LPS
     field = np.ascontiguousarray(view.transpose(2, 1, 0, 3), dtype=np.float32)
     field *= _VECTOR_FLIP
     if not np.all(np.isfinite(field)):

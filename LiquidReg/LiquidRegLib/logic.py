@@ -304,12 +304,12 @@ def read_request(request: RegistrationRequest) -> RegistrationInputs:
     fixed_mask = moving_mask = None
     if request.fixedMaskNode is not None:
         fixed_mask = volume_from_node(request.fixedMaskNode, "fixed mask", labels=True)
-        validate.check_mask(fixed_mask, fixed, fixed_mask.name)
+        fixed_mask = validate.check_mask(fixed_mask, fixed, fixed_mask.name)
     if request.movingMaskNode is not None:
         mask_to_world = to_world(request.movingMaskNode, "moving mask")
         moving_mask = volume_from_node(request.movingMaskNode, "moving mask", labels=True,
                                        node_to_frame=world_to_moving @ mask_to_world)
-        validate.check_mask(moving_mask, moving, moving_mask.name)
+        moving_mask = validate.check_mask(moving_mask, moving, moving_mask.name)
     initial = None if np.allclose(world_to_moving, np.eye(4)) else world_to_moving
     return RegistrationInputs(fixed, moving, fixed_mask, moving_mask, initial)
 
