@@ -107,10 +107,28 @@ def test_register_rejects_bad_fixed_image_and_keeps_existing_output(run_cli, goo
     bad, extra = _bad_image(kind, good["folder"], good["grid"])
     out = good["folder"] / "OUT"
     out.mkdir()
-    (out / "keep.txt").write_text("user file")
-    code, stdout, err = run_cli("register", bad, good["moving"], "-o", out, "--quiet", *extra)
+    (out / "summary.json").write_text("{}")  # a previous result
+    code, stdout, err = run_cli("register", bad, good["moving"], "-o", out, "--quiet",
+                                "--overwrite", *extra)
     assert "fixed image" in _assert_one_line_error(code, stdout, err, expected)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+    assert (out / "summary.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("content, flags, expected", [
+    (["summary.json", "overview.png"], [], "is not empty"),
+    (["notes.txt"], ["--overwrite"], "did not write (notes.txt)"),
+])
+def test_register_refuses_an_output_folder_it_would_mix_or_lose(run_cli, good, content, flags,
+                                                                 expected):
+    out = good["folder"] / "OUT"
+    out.mkdir()
+    for name in content:
+        (out / name).write_text("before")
+    code, stdout, err = run_cli("register", good["fixed"], good["moving"], "-o", out, "--quiet",
+                                *flags)
+    _assert_one_line_error(code, stdout, err, expected)
+    assert sorted(p.name for p in out.iterdir()) == sorted(content)
 
 
 @pytest.mark.parametrize("extension", [".nii.gz", ".nii", ".nrrd", ".mha"])

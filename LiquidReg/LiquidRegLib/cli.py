@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import signal
 import sys
@@ -43,8 +42,8 @@ class Reporter:
             self._update_bar(event)
 
     def _emit(self, content: dict) -> None:
-        from .io import to_jsonable
-        sys.stdout.write(json.dumps(content, default=to_jsonable) + "\n")
+        from .io import to_json
+        sys.stdout.write(to_json(content) + "\n")
         sys.stdout.flush()
 
     def _update_bar(self, event: ProgressEvent) -> None:
@@ -98,22 +97,12 @@ def _sample_pair() -> tuple[Path, Path]:
     return fixed, moving
 
 
-def _check_output_dir(out: Path) -> None:
-    """Fail before the long computation if the output folder cannot be made."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output '{out}' is an existing file; pass a folder for the results")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK):
-        raise InputError(f"cannot write into '{existing}' (permission denied); choose another "
-                         "output folder with -o")
-
-
 def _check_output_file(out: Path, what: str) -> None:
+    """Fail before the long computation if the output file cannot be written."""
+    from .io import check_writable
     if out.is_dir():
         raise InputError(f"output '{out}' is a folder; pass a file name for the {what}")
-    _check_output_dir(out.parent)
+    check_writable(out)
 
 
 # ---- register --------------------------------------------------------------------------------
@@ -147,7 +136,8 @@ def option_arguments(options: RegistrationOptions) -> list[str]:
 
 def run_register(args, reporter: Reporter) -> None:
     from . import register as registration
-    from .io import read_volume, save_result
+    from .io import read_volume
+    from .results import check_output_folder, save_result
     from .validate import check_overlap
 
     if (args.fixed is None) != (args.moving is None):
@@ -156,8 +146,7 @@ def run_register(args, reporter: Reporter) -> None:
     fixed_path, moving_path = ((args.fixed, args.moving) if args.fixed is not None
                                else _sample_pair())
     options = registration_options(args)
-    out = Path(args.output)
-    _check_output_dir(out)
+    out = check_output_folder(args.output, overwrite=args.overwrite)  # before any work
     fixed = read_volume(fixed_path, name="fixed image")
     moving = read_volume(moving_path, name="moving image")
     masks = {role: read_volume(path, name=f"{role} mask", dtype=None)
@@ -167,8 +156,8 @@ def run_register(args, reporter: Reporter) -> None:
     # register() validates images and masks itself (for every caller: CLI, Slicer, scripts).
     result = registration.register(fixed, moving, options, fixed_mask=masks.get("fixed"),
                                    moving_mask=masks.get("moving"), progress=reporter)
-    paths = save_result(result, out, png=not args.no_png, fixed=fixed, moving=moving,
-                        progress=reporter)
+    paths = save_result(result, out, overwrite=args.overwrite, png=not args.no_png, fixed=fixed,
+                        moving=moving, progress=reporter)
     summary = getattr(result, "summary", None) or {}
     reporter.info(f"results written to {out}/: " + ", ".join(p.name for p in paths.values()))
     if isinstance(summary.get("pct_folding"), (int, float)):
@@ -461,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "FIXED and MOVING to use the bundled sample pair")
     p.add_argument("moving", nargs="?", metavar="MOVING", help="moving image, deformed onto FIXED")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output folder (created if needed; existing unrelated files are kept)")
+                   help="output folder: new or empty (created if needed)")
     _device_option(p)
     p.add_argument("--mode", choices=MODES, default="fast",
                    help="fast: the network alone (seconds); accurate: the network, then "
@@ -480,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving-mask", metavar="M", help="mask of the region of MOVING to align")
     p.add_argument("--weights", metavar="W", help="network weights (default: the shipped ones)")
     p.add_argument("--no-png", action="store_true", help="do not render overview.png")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the previous result in OUT (as a whole; a folder holding other "
+                        "files is never replaced)")
     p.set_defaults(run=run_register)
 
     p = commands.add_parser(

@@ -35,8 +35,9 @@ from vtk.util import numpy_support
 from . import validate
 from .errors import InputError
 from .grid import GeometryError, Grid
-from .io import RESULT_FILES, Volume, read_displacement, read_volume, write_volume
+from .io import Volume, read_displacement, read_volume, write_volume
 from .options import RegistrationOptions
+from .results import RESULT_FILES
 from .resources import check_new_weights_path  # noqa: F401  (the panel's fine-tune output)
 
 DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
