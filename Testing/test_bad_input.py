@@ -272,3 +272,14 @@ def test_mask_on_its_own_grid_is_resampled_once_for_every_caller(run_cli, small_
                            "--moving-mask", tmp_path / "mask.nrrd", "--device", "cpu",
                            "--no-png", "-q")
     assert code == 0, err
+
+
+def test_too_little_disk_space_is_refused_before_any_work(run_cli, good, fake_engine, monkeypatch):
+    import shutil
+    from LiquidRegLib import results
+    monkeypatch.setattr(results.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 50_000, 50_000))
+    out = good["folder"] / "OUT"
+    code, stdout, err = run_cli("register", good["fixed"], good["moving"], "-o", out, "--quiet")
+    _assert_one_line_error(code, stdout, err, "not enough free disk space")
+    assert "register" not in fake_engine and not out.exists()

@@ -67,8 +67,9 @@ def _forward(case) -> sitk.Transform:
     return composite
 
 
-@pytest.fixture(scope="module")
-def case():
+@pytest.fixture(scope="module", params=["one slab", "slab per row"])
+def case(request):
+    """Also computed one row of slices at a time, as large images are (SLAB_VOXELS)."""
     fixed_grid = build_grid((34, 30, 26), (1.5, 1.2, 2.0), ORIENTATIONS["oblique"], (2.0, -5.0, 8.0))
     moving_grid = build_grid((30, 36, 28), (1.3, 1.6, 1.1), ORIENTATIONS["LIP"], (-3.0, 4.0, 6.0))
     fixed = Volume(world_image(fixed_grid), fixed_grid, "fixed")
@@ -82,8 +83,16 @@ def case():
     world_map = np.eye(4)
     world_map[:3, :3] = rotation(4.0, -3.0, 6.0) * 1.05
     world_map[:3, 3] = (2.0, -3.0, 1.5)
-    with torch.no_grad():
-        ours = register._full_resolution(forward, inverse, wgrid, world_map, fixed, moving, "cpu")
+    default = register.SLAB_VOXELS
+    register.SLAB_VOXELS = default if request.param == "one slab" else 1
+    try:
+        with torch.no_grad():
+            ours = register._full_resolution(forward, inverse, wgrid, world_map, fixed, moving,
+                                             "cpu")
+        slabs = len(register._slabs(fixed_grid.transposed().shape))
+    finally:
+        register.SLAB_VOXELS = default
+    assert (slabs == 1) == (request.param == "one slab")
     return dict(fixed=fixed, moving=moving, wgrid=wgrid, forward=forward, inverse=inverse,
                 world_map=world_map, ours=ours)
 

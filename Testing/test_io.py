@@ -17,7 +17,7 @@ from LiquidRegLib import io
 from LiquidRegLib.errors import InputError
 from LiquidRegLib.grid import LPS_FLIP, Grid
 
-from conftest import smooth_field, world_image
+from conftest import build_grid, smooth_field, world_image
 
 FORMATS = (".nii.gz", ".nii", ".nrrd", ".mha")
 GRID_NAMES = ("oblique_aniso", "LPS", "LIP_aniso", "RAS_aniso")
@@ -225,3 +225,58 @@ def test_read_volume_rejects(tmp_path, case, expected):
         io.read_volume(path, name="moving image")
     message = str(info.value)
     assert expected in message and "\n" not in message and "moving image" in message
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint8])
+@pytest.mark.parametrize("grid_name", GRID_NAMES)
+def test_streamed_nifti_is_the_file_itk_writes(tmp_path, grids, grid_name, dtype, monkeypatch):
+    """LiquidReg streams NIfTI voxels itself (no copies of a whole image); the file is byte for
+    byte the one ITK writes, header included, scalar and vector, in several chunks."""
+    grid = grids[grid_name]
+    monkeypatch.setattr(io, "_CHUNK_BYTES", 1000)  # many chunks even for a small image
+    image = (world_image(grid) * (1 if dtype == np.float32 else 0.5)).astype(dtype)
+    io.write_volume(tmp_path / "ours.nii", image, grid)
+    kji = np.ascontiguousarray(image.transpose(2, 1, 0))
+    sitk.WriteImage(io._itk_image(kji, grid), str(tmp_path / "itk.nii"))
+    assert (tmp_path / "ours.nii").read_bytes() == (tmp_path / "itk.nii").read_bytes()
+    if dtype != np.float32:
+        return
+    field = smooth_field(grid)
+    io.write_displacement(tmp_path / "ours_warp.nii", field, grid)
+    lps = np.ascontiguousarray((field * LPS_FLIP[:3, :3].diagonal()).transpose(2, 1, 0, 3))
+    sitk.WriteImage(io._itk_image(lps.astype(np.float32), grid, vector=True),
+                    str(tmp_path / "itk_warp.nii"))
+    assert (tmp_path / "ours_warp.nii").read_bytes() == (tmp_path / "itk_warp.nii").read_bytes()
+
+
+DISK_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)       # a write past the limit fails (EFBIG)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+from LiquidRegLib.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE")
+@pytest.mark.parametrize("extension, expected", [(".nii.gz", "the disk is full"),
+                                                 (".nii", "the disk is full"),
+                                                 (".nrrd", "cannot write")])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, grids, extension, expected):
+    """Writes that fail for lack of space end in one line naming the problem and the fix, with
+    no raw library output, no 'please report' and no partial file."""
+    import subprocess
+    import sys
+    grid = build_grid((64, 64, 64), (1.0, 1.0, 1.0), np.eye(3))
+    rng = np.random.default_rng(0)
+    io.write_volume(tmp_path / "moving.nii.gz", rng.random(grid.shape).astype(np.float32), grid)
+    out = tmp_path / f"applied{extension}"
+    np.savetxt(tmp_path / "identity.txt", np.eye(4))
+    run = subprocess.run([sys.executable, "-c", DISK_LIMITED, "apply", "--reference",
+                          str(tmp_path / "moving.nii.gz"), "--transform",
+                          str(tmp_path / "identity.txt"), str(tmp_path / "moving.nii.gz"),
+                          "-o", str(out), "--quiet"], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "report" not in lines[0], run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["identity.txt", "moving.nii.gz"]

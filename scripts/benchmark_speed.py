@@ -16,6 +16,11 @@ resident memory from the kernel), with the same thread count.
     data sampling is excluded; the first step (warm-up) is not counted.
 (d) Seconds per instance-optimisation step on the 1 mm brain: ``register --iterations K`` (stage
     time / K from summary.json, and the difference to the network-only run / K).
+(e) Memory of a large pair: the sample pair on 400^3 voxels of 0.5 mm (two 256 MB volumes),
+    network only, end to end: peak resident memory against the 4 GB bound, and the estimate
+    ``liquidreg`` makes before starting (``memory.estimate``).
+
+``--sections`` runs some of them only (default: all).
 
 Writes ``speed.json`` and ``speed.md`` in ``--out``.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -31,6 +37,7 @@ from pathlib import Path
 from benchmark import THREAD_VARIABLES, machine, memory_mb, run_measured, write_report
 
 BRAIN_SHAPE = (193, 229, 193)
+LARGE_SHAPE, LARGE_SPACING = (400, 400, 400), 0.5
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -71,8 +78,8 @@ def _environment(threads: int) -> dict:
 
 def register_cli(fixed: Path, moving: Path, out: Path, args, iterations: int = 0) -> dict:
     """``liquidreg register`` as a user runs it; wall time, peak RSS, stages from summary.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").unlink(missing_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "LiquidRegLib.cli", "register", str(fixed), str(moving),
                "-o", str(out), "--device", "cpu", "--iterations", str(iterations),
                "--progress", "none", "--quiet"]
@@ -89,6 +96,18 @@ def register_cli(fixed: Path, moving: Path, out: Path, args, iterations: int = 0
             "stages_s": stages,
             "startup_and_io_s": measured["process_seconds"] - stages["total"],
             "working_grid": summary.get("working_grid")}
+
+
+def estimate_mb(fixed: Path, moving: Path) -> float:
+    """What ``liquidreg register`` estimates it needs for this pair (network only, CPU)."""
+    from LiquidRegLib import io, memory
+    from LiquidRegLib.model import ModelConfig
+    from LiquidRegLib.preprocess import working_grid
+
+    grids = [io.read_grid(path) for path in (fixed, moving)]
+    config = ModelConfig()
+    work = working_grid(grids[0], config.working_spacing, config.divisor)
+    return memory.estimate(*grids, work, steps=0) / 2 ** 20
 
 
 def train_child(size: int, steps: int, threads: int) -> dict:
@@ -167,12 +186,22 @@ def markdown(report: dict) -> str:
     for row in report["train"]:
         lines.append(f"| {row['size']}^3 | {row['seconds_per_step']:.2f} | {row['peak_rss_mb']:.0f} "
                      f"| {row['baseline_rss_mb']:.0f} |")
-    io_row = report["instance_optimisation"]
-    lines += ["", "## Instance optimisation", "",
-              f"{io_row['input']}, {io_row['iterations']} iterations: "
-              f"**{io_row['seconds_per_step']:.2f} s per step** (instance stage / iterations); "
-              f"{io_row['seconds_per_step_from_totals']:.2f} s per step from the difference of "
-              f"wall times to the network-only run; peak RSS {io_row['peak_rss_mb']:.0f} MB.", ""]
+    io_row = report.get("instance_optimisation")
+    if io_row:
+        from_totals = io_row["seconds_per_step_from_totals"]
+        lines += ["", "## Instance optimisation", "",
+                  f"{io_row['input']}, {io_row['iterations']} iterations: "
+                  f"**{io_row['seconds_per_step']:.2f} s per step** (instance stage / iterations)"
+                  + (f"; {from_totals:.2f} s per step from the difference of wall times to the "
+                     "network-only run" if from_totals is not None else "")
+                  + f"; peak RSS {io_row['peak_rss_mb']:.0f} MB.", ""]
+    large = report.get("large")
+    if large:
+        lines += ["", "## Memory of a large pair", "",
+                  f"{large['input']}, network only, end to end: **peak RSS "
+                  f"{large['peak_rss_mb']:.0f} MB** (bound: 4096 MB; estimated before starting: "
+                  f"{large['estimate_mb']:.0f} MB), wall {large['wall_s']:.1f} s "
+                  f"(full-resolution outputs {large['stages_s'].get('resample', 0):.1f} s).", ""]
     return "\n".join(lines)
 
 
@@ -197,6 +226,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-steps", type=int, help="(c) timed steps, default 5")
     parser.add_argument("--iterations", type=int, help="(d) instance-optimisation steps, default 10")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    parser.add_argument("--sections", nargs="+", choices=list("abcde"), default=list("abcde"),
+                        help="which measurements to run (default: all)")
     args = parser.parse_args(argv)
     quick = args.quick
     brain_spacing = 3.0 if quick else 1.0
@@ -205,33 +236,46 @@ def main(argv=None) -> int:
     train_sizes = args.train_sizes or ([32, 48] if quick else [96, 128])
     args.train_steps = args.train_steps or (2 if quick else 5)
     iterations = args.iterations or (2 if quick else 10)
+    sections = set(args.sections)
 
     out = Path(args.out)
     inputs, runs = out / "inputs", out / "runs"
     report = {"machine": machine(),
-              "config": {"threads": args.threads, "quick": quick, "weights": args.weights or "shipped"}}
+              "config": {"threads": args.threads, "quick": quick, "sections": sorted(sections),
+                         "weights": args.weights or "shipped"}}
     brain_name = f"sample pair on {'x'.join(map(str, brain_shape))} @ {brain_spacing:g} mm"
-    fixed, moving = write_pair(inputs / "brain", brain_shape, brain_spacing)
-
-    print(f"(a) {brain_name}", flush=True)
-    brain = {"input": brain_name, **register_cli(fixed, moving, runs / "brain_net", args)}
-    report["register"] = [brain]
-    for size in sizes:
+    report["register"], report["train"], brain = [], [], None
+    if sections & {"a", "d"}:
+        fixed, moving = write_pair(inputs / "brain", brain_shape, brain_spacing)
+    if "a" in sections:
+        print(f"(a) {brain_name}", flush=True)
+        brain = {"input": brain_name, **register_cli(fixed, moving, runs / "brain_net", args)}
+        report["register"].append(brain)
+    for size in sizes if "b" in sections else []:
         print(f"(b) {size}^3 @ {brain_spacing:g} mm", flush=True)
         pair = write_pair(inputs / f"cube_{size}", (size,) * 3, brain_spacing)
         report["register"].append({"input": f"sample pair on {size}^3 @ {brain_spacing:g} mm",
                                    **register_cli(*pair, runs / f"cube_{size}_net", args)})
-    report["train"] = []
-    for size in train_sizes:
+    for size in train_sizes if "c" in sections else []:
         print(f"(c) training step at {size}^3", flush=True)
         report["train"].append(train_step(size, runs, args))
-    print(f"(d) instance optimisation, {iterations} iterations", flush=True)
-    refined = register_cli(fixed, moving, runs / f"brain_io{iterations}", args, iterations)
-    report["instance_optimisation"] = {
-        "input": brain_name, "iterations": iterations,
-        "seconds_per_step": refined["stages_s"]["instance_optimisation"] / iterations,
-        "seconds_per_step_from_totals": (refined["wall_s"] - brain["wall_s"]) / iterations,
-        "peak_rss_mb": refined["peak_rss_mb"], "run": refined}
+    if "d" in sections:
+        print(f"(d) instance optimisation, {iterations} iterations", flush=True)
+        refined = register_cli(fixed, moving, runs / f"brain_io{iterations}", args, iterations)
+        report["instance_optimisation"] = {
+            "input": brain_name, "iterations": iterations,
+            "seconds_per_step": refined["stages_s"]["instance_optimisation"] / iterations,
+            "seconds_per_step_from_totals": (None if brain is None else
+                                             (refined["wall_s"] - brain["wall_s"]) / iterations),
+            "peak_rss_mb": refined["peak_rss_mb"], "run": refined}
+    if "e" in sections:
+        shape = tuple(n // 8 for n in LARGE_SHAPE) if quick else LARGE_SHAPE
+        spacing = LARGE_SPACING * (8 if quick else 1)
+        name = f"sample pair on {'x'.join(map(str, shape))} @ {spacing:g} mm"
+        print(f"(e) {name}", flush=True)
+        pair = write_pair(inputs / "large", shape, spacing)
+        report["large"] = {"input": name, "estimate_mb": estimate_mb(*pair),
+                           **register_cli(*pair, runs / "large_net", args)}
     write_report(out, "speed", report, markdown(report))
     return 0
 

@@ -137,7 +137,7 @@ def option_arguments(options: RegistrationOptions) -> list[str]:
 def run_register(args, reporter: Reporter) -> None:
     from . import register as registration
     from .io import read_volume
-    from .results import check_output_folder, save_result
+    from .results import check_output_folder, check_space, save_result
     from .validate import check_overlap
 
     if (args.fixed is None) != (args.moving is None):
@@ -153,6 +153,7 @@ def run_register(args, reporter: Reporter) -> None:
              for role, path in (("fixed", args.fixed_mask), ("moving", args.moving_mask)) if path}
     if not options.affine or options.initial_affine is not None:  # fail before loading the network
         check_overlap(fixed, moving, options.initial_affine)
+    check_space(out, fixed.grid, moving.grid)
     # register() validates images and masks itself (for every caller: CLI, Slicer, scripts).
     result = registration.register(fixed, moving, options, fixed_mask=masks.get("fixed"),
                                    moving_mask=masks.get("moving"), progress=reporter)

@@ -11,6 +11,10 @@ class InputError(LiquidRegError):
     """An input image, mask or transform cannot be used as given."""
 
 
+class OutputError(LiquidRegError):
+    """A result cannot be written (the disk is full, the location is not writable)."""
+
+
 class WeightsError(LiquidRegError):
     """A weights or checkpoint file is missing, corrupt or of an unknown format."""
 

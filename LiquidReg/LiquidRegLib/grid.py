@@ -286,6 +286,9 @@ def resample(array, source: Grid, target: Grid, *, world_map: np.ndarray | None 
     """
     if order not in ("linear", "nearest"):
         raise ValueError(f"interpolation must be 'linear' or 'nearest', not {order!r}")
+    array = np.asarray(array)
+    if not array.flags.c_contiguous and array.T.flags.c_contiguous:
+        array, source = array.T, source.transposed()  # an [i, j, k] view of [k, j, i] memory
     src = torch.as_tensor(np.ascontiguousarray(array), device=device)
     integer = not torch.is_floating_point(src)
     # float32 holds every integer label below 2^24 exactly; beyond that, sample in float64

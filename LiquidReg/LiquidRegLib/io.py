@@ -8,6 +8,7 @@ final name; a staging folder left by a killed run is removed by the next write t
 """
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import json
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, OutputError
 from .grid import LPS_FLIP, GeometryError, Grid
 
 #: Extensions SimpleITK reads and writes for us, longest first so ".nii.gz" wins over ".gz".
@@ -279,32 +280,72 @@ def read_affine(path, *, name: str = "initial affine") -> np.ndarray:
 
 
 # ---- writing ---------------------------------------------------------------------------------
-def _worth_compressing(data: memoryview, probe: int = 1 << 18, chunks: int = 4) -> bool:
-    """Whether fast deflate shrinks the data by at least 40 %.
+#: Bytes handed to the compressor or the disk at once when an image is streamed to a file.
+_CHUNK_BYTES = 1 << 24
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _rows_per_chunk(kji: np.ndarray) -> int:
+    return max(1, _CHUNK_BYTES // max(1, kji[:1].nbytes // (kji.shape[-1] if kji.ndim == 4 else 1)))
+
+
+def _worth_compressing(kji: np.ndarray, probe: int = 1 << 18, chunks: int = 4) -> bool:
+    """Whether fast deflate shrinks the voxels by at least 40 %.
 
     Float displacement and Jacobian fields barely compress (~7 %) yet deflating 100 MB of them
     costs ~4 s; images with background compress well and quickly.  A few samples decide.
     """
-    n = len(data)
-    if n <= probe * chunks:
-        sample = bytes(data)
-    else:
-        step = n // chunks
-        sample = b"".join(bytes(data[i * step:i * step + probe]) for i in range(chunks))
+    rows = max(1, probe // max(1, kji[:1].nbytes))
+    starts = np.linspace(0, max(0, len(kji) - rows), chunks).astype(int)
+    sample = b"".join(np.ascontiguousarray(kji[start:start + rows]).tobytes()[:probe]
+                      for start in sorted(set(starts.tolist())))
     return len(zlib.compress(sample, 1)) < 0.6 * len(sample)
 
 
-def _gzip_file(src: Path, dst: Path, level: int) -> None:
-    with open(src, "rb") as fin, gzip.GzipFile(dst, "wb", compresslevel=level, mtime=0) as fout:
-        shutil.copyfileobj(fin, fout, 1 << 24)
+def _nifti_header_bytes(kji: np.ndarray, grid: Grid, vector: bool) -> bytes:
+    """The NIfTI header (with its extension flag) ITK writes for this grid and voxel type.
+
+    ITK writes it for a 2x2x2 image of the same geometry and type; only the size differs from
+    the full image's header, and it is set here.  So ITK stays the authority on the header
+    (orientation codes, intent, units) while the voxels are streamed without ITK's copies.
+    """
+    sample = np.zeros((2, 2, 2) + kji.shape[3:], dtype=kji.dtype)
+    with tempfile.TemporaryDirectory(prefix=".liquidreg-header-") as folder:
+        small = Path(folder) / "header.nii"
+        sitk.WriteImage(_itk_image(sample, Grid((2, 2, 2), grid.affine), vector), str(small))
+        data = small.read_bytes()
+    endian = "<" if int.from_bytes(data[:4], "little") == 348 else ">"
+    offset = int(struct.unpack(endian + "f", data[108:112])[0])
+    return data[:40 + 2] + struct.pack(endian + "3h", *grid.shape) + data[48:offset]
 
 
-def _write_image(path, image: sitk.Image, raw: np.ndarray) -> None:
-    """Write atomically: into a hidden folder beside ``path``, then move into place.
+def _stream_nifti(target: Path, kji: np.ndarray, grid: Grid, vector: bool, flip=None,
+                  level: int | None = None) -> None:
+    """Write a NIfTI file chunk by chunk from an array in ITK memory layout ([k, j, i] or
+    [k, j, i, c]): no copy of the whole image.  Vector components are stored one after another
+    (NIfTI's layout), each multiplied by ``flip[c]`` on the way (RAS -> LPS)."""
+    header = _nifti_header_bytes(kji, grid, vector)
+    opener = ((lambda: gzip.GzipFile(target, "wb", compresslevel=level, mtime=0))
+              if level is not None else (lambda: open(target, "wb")))
+    rows = _rows_per_chunk(kji)
+    with opener() as f:
+        f.write(header)
+        for component in (range(kji.shape[3]) if vector else [None]):
+            for first in range(0, kji.shape[0], rows):
+                chunk = kji[first:first + rows]
+                if component is not None:
+                    chunk = chunk[..., component] * kji.dtype.type(flip[component])
+                f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
 
-    Detached headers (.mhd/.nhdr) name their data file, so files keep their final names inside the
-    temporary folder and the header moves last.  ``.nii.gz`` is gzipped here rather than by ITK
-    so incompressible float fields can be stored at level 0 in a fraction of the time.
+
+def _write_image(path, kji: np.ndarray, grid: Grid, *, vector: bool = False, flip=None) -> None:
+    """Write an array in ITK memory layout atomically: into a hidden folder beside ``path``, then
+    move into place.
+
+    NIfTI is streamed (see :func:`_stream_nifti`; ``.nii.gz`` at level 0 when the data barely
+    compresses, e.g. float fields, which saves seconds).  Other formats go through ITK; detached
+    headers (.mhd/.nhdr) name their data file, so files keep their final names inside the
+    temporary folder and the header moves last.  A full disk is one clear error.
     """
     path = Path(path)
     ext = image_extension(path)
@@ -312,19 +353,31 @@ def _write_image(path, image: sitk.Image, raw: np.ndarray) -> None:
         raise InputError(f"cannot write '{path}': unknown image type; use a {_SUPPORTED} "
                          "file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    compress = _worth_compressing(memoryview(raw).cast("B"))
+    compress = _worth_compressing(kji)
     staging = staging_folder(path)
     try:
         target = staging / path.name
-        if ext == ".nii.gz":
-            plain = staging / (path.name[:-3])
-            sitk.WriteImage(image, str(plain), False)
-            _gzip_file(plain, target, 1 if compress else 0)
-            plain.unlink()
+        if ext in (".nii", ".nii.gz") and max(grid.shape) < 2 ** 15:
+            _stream_nifti(target, kji, grid, vector, flip,
+                          None if ext == ".nii" else (1 if compress else 0))
         else:
-            sitk.WriteImage(image, str(target), compress and ext != ".nii", 1)
+            if flip is not None:
+                kji = kji * np.asarray(flip, dtype=kji.dtype)
+            sitk.WriteImage(_itk_image(kji, grid, vector), str(target), compress and ext != ".nii",
+                            1)
         for part in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
             os.replace(part, path.parent / part.name)
+    except OSError as error:
+        if error.errno in _DISK_FULL:
+            raise OutputError(f"cannot write '{path}': the disk is full ({error.strerror}); free "
+                              "some space or choose another output location") from None
+        raise
+    except RuntimeError as error:  # ITK
+        if shutil.disk_usage(path.parent).free < kji.nbytes:
+            raise OutputError(f"cannot write '{path}': the disk is full; free some space or "
+                              "choose another output location") from None
+        raise OutputError(f"cannot write '{path}' ({str(error).strip().splitlines()[-1]}); "
+                          "choose another output location") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -344,9 +397,8 @@ def write_volume(path, array, grid: Grid) -> None:
     if array.shape != grid.shape:
         raise ValueError(f"array shape {array.shape} does not match grid shape {grid.shape}")
     if array.dtype == bool:
-        array = array.astype(np.uint8)
-    kji = np.ascontiguousarray(array.transpose(2, 1, 0))
-    _write_image(path, _itk_image(kji, grid), kji)
+        array = array.view(np.uint8)
+    _write_image(path, array.transpose(2, 1, 0), grid)
 
 
 def write_displacement(path, displacement_ras, grid: Grid) -> None:
@@ -358,9 +410,7 @@ def write_displacement(path, displacement_ras, grid: Grid) -> None:
     field = np.asarray(displacement_ras, dtype=np.float32)
     if field.shape != (*grid.shape, 3):
         raise ValueError(f"displacement shape {field.shape} does not match grid {grid.shape} x 3")
-    kji = np.empty(field.shape[2::-1] + (3,), dtype=np.float32)
-    np.multiply(field.transpose(2, 1, 0, 3), _VECTOR_FLIP, out=kji)  # one pass: reorder + to LPS
-    _write_image(path, _itk_image(kji, grid, vector=True), kji)
+    _write_image(path, field.transpose(2, 1, 0, 3), grid, vector=True, flip=_VECTOR_FLIP)
 
 
 # ---- atomic writes -----------------------------------------------------------------------------

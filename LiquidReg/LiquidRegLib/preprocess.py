@@ -14,7 +14,9 @@ from .grid import Grid, resample
 
 def normalise_intensity(array: np.ndarray, mask: np.ndarray | None = None,
                         low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """Robust rescale to [0, 1]: percentiles of the foreground, so scanner scaling doesn't matter."""
+    """Robust rescale to [0, 1]: percentiles of the foreground, so scanner scaling doesn't matter.
+
+    float32, made in one new array (a full-resolution volume is large)."""
     a = np.asarray(array, dtype=np.float32)
     values = a[mask > 0] if mask is not None else a[a > a.min()]
     if values.size == 0:
@@ -22,7 +24,9 @@ def normalise_intensity(array: np.ndarray, mask: np.ndarray | None = None,
     lo, hi = np.percentile(values[:: max(1, values.size // 500_000)], [low, high])  # subsampled: fast
     if hi <= lo:
         hi = lo + 1.0
-    return np.clip((a - lo) / (hi - lo), 0.0, 1.0)
+    out = np.subtract(a, np.float32(lo), dtype=np.float32)
+    out /= np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, diffeo, losses, metrics, train, validate
+from . import checkpoint, diffeo, losses, memory, metrics, train, validate
 from .devices import resolve_device
 from .options import RegistrationOptions
 from .grid import Grid, mapped_voxels, normalized_coordinates, sample_at, sampling_grid
@@ -59,6 +59,9 @@ def register(fixed, moving, options: RegistrationOptions | None = None, *, fixed
         moving_mask = validate.check_mask(moving_mask, moving, "moving mask")
     dev = resolve_device(options.device)
     model, info = checkpoint.load_model(options.weights, dev)
+    memory.check(fixed.grid, moving.grid,
+                 working_grid(fixed.grid, model.config.working_spacing, model.config.divisor),
+                 options.steps)
     timings["load"] = round(time.perf_counter() - started, 3)
     inputs = _Inputs(fixed, moving, fixed_mask, moving_mask)
     try:
@@ -126,8 +129,8 @@ def _register_on(dev, model, inputs: _Inputs, options: RegistrationOptions, timi
     with torch.no_grad():
         forward = diffeo.exp_velocity(velocity, wgrid.shape, model.squarings)
         inverse = diffeo.exp_velocity(-velocity, wgrid.shape, model.squarings)
+        unaligned = working_image(moving, wgrid, None, inputs.moving_mask, dev)  # before outputs
         out = _full_resolution(forward, inverse, wgrid, world_map, fixed, moving, dev)
-        unaligned = working_image(moving, wgrid, None, inputs.moving_mask, dev)
         similarity = {"metric": "mean local NCC (5^3 window, half working resolution)",
                       "before": _similarity(pair, unaligned), "after_affine": _similarity(pair),
                       "after": _similarity(pair, diffeo.warp(pair.moving, forward))}
@@ -165,6 +168,24 @@ def _mix(matrix: np.ndarray, field: torch.Tensor) -> torch.Tensor:
     return torch.einsum("rc,ncijk->nrijk", m, field)
 
 
+#: Voxels of a full-resolution grid computed at once: bounds the output stage's working memory
+#: (about 70 bytes per voxel of a slab, ~300 MB) whatever the size of the images.
+SLAB_VOXELS = 1 << 22
+
+
+def _slabs(shape):
+    """(first, last) rows along the slowest axis of ``shape``, at most SLAB_VOXELS per slab."""
+    rows = max(1, SLAB_VOXELS // (shape[1] * shape[2]))
+    return [(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)]
+
+
+def _shifted(affine: np.ndarray, rows: int) -> np.ndarray:
+    """``affine`` of a grid, for the sub-grid that starts ``rows`` along its first axis."""
+    shift = np.eye(4)
+    shift[0, 3] = rows
+    return affine @ shift
+
+
 def _full_resolution(forward_vox, inverse_vox, wgrid: Grid, world_map, fixed, moving, dev) -> dict:
     """Forward mapping, its Jacobian, the warped image and the inverse, at the input grids.
 
@@ -177,8 +198,10 @@ def _full_resolution(forward_vox, inverse_vox, wgrid: Grid, world_map, fixed, mo
     exact everywhere.  The Jacobian is det(A) det(I + Du), computed where the deformation is
     defined (the working grid) and interpolated like the field itself.
 
-    Everything is computed on transposed ([k, j, i]) grids: the outputs come out in ITK/VTK
-    memory order and are returned as [i, j, k] views, so writers copy nothing.
+    The input grids are computed in slabs of at most :data:`SLAB_VOXELS` voxels, straight into
+    the output arrays, so the stage needs little beyond its outputs.  Everything is computed on
+    transposed ([k, j, i]) grids: the outputs come out in ITK/VTK memory order and are returned
+    as [i, j, k] views, so writers copy nothing.
     """
     world_map = np.asarray(world_map, dtype=np.float64)
     eye = np.eye(4)
@@ -194,30 +217,41 @@ def _full_resolution(forward_vox, inverse_vox, wgrid: Grid, world_map, fixed, mo
     channels = on_work(torch.cat([_mix(world_map[:3, :3], forward),
                                   _mix(to_moving[:3, :3], forward), jacobian], dim=1))
     del forward, jacobian
-    at_fixed = sample_at(channels, sampling_grid(target.shape, work.inverse @ target.affine,
-                                                 work.shape, dev)[None], padding_mode="border")[0]
-    del channels
-    # phi(x) = A (x + u(x)):  displacement phi(x) - x = (A - I) x + A u(x)
-    displacement = mapped_voxels(target.shape, (world_map - eye) @ target.affine, dev)
-    displacement.add_(at_fixed[:3].permute(1, 2, 3, 0))
     moving_tensor = torch.as_tensor(np.ascontiguousarray(moving.array), dtype=torch.float32,
                                     device=dev)[None, None]
-    points = mapped_voxels(target.shape, to_moving @ target.affine, dev)
-    points.add_(at_fixed[3:6].permute(1, 2, 3, 0))
-    warped = sample_at(moving_tensor, points[None])[0, 0]
-    jacobian = at_fixed[6]
-    del points, at_fixed
+    out = {"displacement": torch.empty((*target.shape, 3)),
+           "warped": torch.empty(target.shape), "jacobian": torch.empty(target.shape),
+           "inverse_displacement": torch.empty((*source.shape, 3))}
+    for first, last in _slabs(target.shape):
+        rows = (last - first, *target.shape[1:])
+        slab = _shifted(target.affine, first)
+        at_fixed = sample_at(channels, sampling_grid(rows, work.inverse @ slab, work.shape,
+                                                     dev)[None], padding_mode="border")[0]
+        # phi(x) = A (x + u(x)):  displacement phi(x) - x = (A - I) x + A u(x)
+        displacement = mapped_voxels(rows, (world_map - eye) @ slab, dev)
+        displacement += at_fixed[:3].permute(1, 2, 3, 0)
+        points = mapped_voxels(rows, to_moving @ slab, dev)
+        points += at_fixed[3:6].permute(1, 2, 3, 0)
+        out["displacement"][first:last] = displacement
+        out["warped"][first:last] = sample_at(moving_tensor, points[None])[0, 0]
+        out["jacobian"][first:last] = at_fixed[6]
+        del at_fixed, displacement, points
     # moving y -> z + u^-1(z), z = A^-1 y:  displacement (A^-1 - I) y + u^-1(z)
     unmap = np.linalg.inv(world_map)
-    at_moving = sample_at(on_work(_mix(wgrid.affine[:3, :3], inverse_vox)),
-                          sampling_grid(source.shape, work.inverse @ unmap @ source.affine,
-                                        work.shape, dev)[None], padding_mode="border")[0]
-    inverse_displacement = mapped_voxels(source.shape, (unmap - eye) @ source.affine, dev)
-    inverse_displacement.add_(at_moving.permute(1, 2, 3, 0))
+    backward = on_work(_mix(wgrid.affine[:3, :3], inverse_vox))
+    for first, last in _slabs(source.shape):
+        rows = (last - first, *source.shape[1:])
+        slab = _shifted(source.affine, first)
+        at_moving = sample_at(backward, sampling_grid(rows, work.inverse @ unmap @ slab,
+                                                      work.shape, dev)[None],
+                              padding_mode="border")[0]
+        inverse = mapped_voxels(rows, (unmap - eye) @ slab, dev)
+        inverse += at_moving.permute(1, 2, 3, 0)
+        out["inverse_displacement"][first:last] = inverse
+        del at_moving, inverse
 
     def ijk(tensor):  # [k, j, i, ...] -> an [i, j, k, ...] view of the same memory
-        array = tensor.cpu().numpy()
+        array = tensor.numpy()
         return array.transpose(2, 1, 0, *range(3, array.ndim))
 
-    return {"displacement": ijk(displacement), "inverse_displacement": ijk(inverse_displacement),
-            "jacobian": ijk(jacobian), "warped": ijk(warped)}
+    return {name: ijk(tensor) for name, tensor in out.items()}

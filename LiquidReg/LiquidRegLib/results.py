@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, OutputError
 from .grid import Grid
 from .io import (Volume, check_writable, staging_folder, write_displacement, write_json,
                  write_volume)
@@ -55,6 +55,24 @@ def check_output_folder(out_dir, *, overwrite: bool = False) -> Path:
         raise InputError(f"output folder '{out_dir}' holds files LiquidReg did not write ({shown}); "
                          "choose another folder (overwriting replaces the whole folder)")
     return out_dir
+
+
+def bytes_needed(fixed_grid: Grid, moving_grid: Grid) -> int:
+    """An upper bound of a result folder's size: the four volumes uncompressed (float32 fields
+    on the fixed grid: 3 + 1 + 1 values per voxel; the inverse warp on the moving grid: 3)."""
+    return 4 * (5 * int(np.prod(fixed_grid.shape)) + 3 * int(np.prod(moving_grid.shape))) + (1 << 20)
+
+
+def check_space(out_dir, fixed_grid: Grid, moving_grid: Grid) -> None:
+    """Refuse, before any work, to start a registration whose result cannot fit on the disk."""
+    existing = Path(out_dir).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    need, free = bytes_needed(fixed_grid, moving_grid), shutil.disk_usage(existing).free
+    if free < need:
+        raise OutputError(f"not enough free disk space for the result in '{existing}': about "
+                          f"{need / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free; free some "
+                          "space or choose another output location")
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -133,6 +151,7 @@ def save_result(result, out_dir, *, overwrite: bool = False, png: bool = True,
     when Pillow is not installed).
     """
     out_dir = check_output_folder(out_dir, overwrite=overwrite)
+    check_space(out_dir, result.fixed_grid, result.moving_grid)
     target = out_dir.absolute()
     created = next((p for p in reversed(target.parents) if not p.exists()), None)
     try:

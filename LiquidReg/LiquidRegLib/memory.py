@@ -1,0 +1,139 @@
+"""How much memory a registration needs, how much the machine (or container) has, and a clear
+refusal before starting when it would not fit, instead of a process killed without a word.
+
+The estimate is a model of ``register`` on the CPU, fitted to measured peaks: a fixed part
+(Python, torch, the network), the two images, the four full-resolution outputs, the bounded
+slabs of the output stage, and the work on the network's working grid.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LiquidRegError
+
+#: A model fitted to the peaks (ru_maxrss) of ``liquidreg register`` on the CPU with 2 threads:
+#: 128^3, 160^3, a 193x229x193 brain and 256^3 at 1 mm, 400^3 at 0.5 mm, network only and with
+#: instance optimisation (README, "Speed and memory").  Before the margin it lies 3-18 % above
+#: every measured peak; the margin covers the allocator's variation between runs.
+BASE_BYTES = 650 * 2 ** 20          # Python, torch, SimpleITK, the network, reading the files
+FIXED_BYTES_PER_VOXEL = 26          # the image (float32) + displacement (3) + warped + Jacobian
+MOVING_BYTES_PER_VOXEL = 16         # the image + the inverse displacement (3)
+SLAB_BYTES_PER_VOXEL = 40           # the output stage's slabs (register.SLAB_VOXELS) ...
+SLAB_BYTES = 250 * 2 ** 20          # ... at most
+WORKING_BYTES_PER_VOXEL = 220       # network on the working grid
+INSTANCE_BYTES_PER_VOXEL = 360      # network + instance optimisation
+MARGIN = 1.1
+
+
+class NotEnoughMemory(LiquidRegError):
+    """The registration would need more memory than the machine can give it."""
+
+
+def estimate(fixed_grid, moving_grid, working_grid, steps: int) -> int:
+    """Peak bytes of ``register`` for images on these grids (an upper estimate); ``steps``
+    instance-optimisation steps."""
+    fixed, moving = (int(np.prod(g.shape)) for g in (fixed_grid, moving_grid))
+    work = int(np.prod(working_grid.shape)) * (INSTANCE_BYTES_PER_VOXEL if steps else
+                                               WORKING_BYTES_PER_VOXEL)
+    model = (BASE_BYTES + FIXED_BYTES_PER_VOXEL * fixed + MOVING_BYTES_PER_VOXEL * moving + work
+             + min(SLAB_BYTES, SLAB_BYTES_PER_VOXEL * max(fixed, moving)))
+    return int(MARGIN * model)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_room(root: Path = Path("/")) -> int | None:
+    """Bytes the process's cgroup (a container, a systemd or Slurm limit) still lets it use:
+    limit minus what is in use, page cache excluded (the kernel reclaims it first); the
+    tightest of the cgroup and its ancestors."""
+    rooms = []
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0":  # cgroup v2
+            base = root / "sys/fs/cgroup"
+            names = ("memory.max", "memory.current", "memory.stat", "file")
+        elif "memory" in controllers.split(","):
+            base = root / "sys/fs/cgroup/memory"
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat",
+                     "total_inactive_file")
+        else:
+            continue
+        steps = [p for p in path.split("/") if p]
+        for depth in range(len(steps) + 1):  # the cgroup and every ancestor: each limit applies
+            folder = base.joinpath(*steps[:depth])
+            limit, used = _read_int(folder / names[0]), _read_int(folder / names[1])
+            if limit is None or used is None or limit >= 2 ** 60:
+                continue
+            cache = 0
+            try:
+                for entry in (folder / names[2]).read_text().splitlines():
+                    key, _, value = entry.partition(" ")
+                    if key == names[3]:
+                        cache = int(value)
+            except (OSError, ValueError):
+                pass
+            rooms.append(limit - max(0, used - cache))
+    return min(rooms) if rooms else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def resident() -> int:
+    """This process's resident memory now (0 where the system does not say)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def available() -> int | None:
+    """Bytes this process can still allocate: the smaller of the system's available memory and
+    the room its cgroup leaves (None where neither is known, e.g. not Linux)."""
+    known = [v for v in (_meminfo_available(), _cgroup_room()) if v is not None]
+    return min(known) if known else None
+
+
+def check(fixed_grid, moving_grid, working_grid, steps: int) -> None:
+    """Refuse a registration that would not fit in memory, with what to do about it.
+
+    Part of the estimate is already resident when this runs (the libraries, the images); in a
+    larger process (Slicer) the rest of its memory is not part of it, hence the bound.
+    """
+    need = estimate(fixed_grid, moving_grid, working_grid, steps)
+    room = available()
+    if room is None:
+        return
+    loaded = BASE_BYTES + 4 * sum(int(np.prod(g.shape)) for g in (fixed_grid, moving_grid))
+    have = min(resident(), loaded)
+    if need - have > room:
+        gb = 2 ** 30
+        raise NotEnoughMemory(
+            f"registering these images needs about {need / gb:.1f} GB of memory but only "
+            f"{(room + have) / gb:.1f} GB is available; close other programs, use a machine with "
+            "more memory, or resample the images to a coarser voxel size (e.g. 1 mm)")
