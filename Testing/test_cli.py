@@ -249,8 +249,8 @@ def test_finetune_images_folder_and_output_guards(run_cli, pair, fake_engine, tm
     images = tmp_path / "images"
     images.mkdir()
     for name in ("s1.nii.gz", "s2.nrrd", "s3.mha"):
-        shutil.copy(pair["paths"]["fixed"] if name.endswith("gz") else pair["paths"]["moving"],
-                    images / name)
+        volume = io.read_volume(pair["paths"]["fixed" if name.endswith("gz") else "moving"])
+        io.write_volume(images / name, volume.array, volume.grid)
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "w.pt"
     code, _, err = run_cli("finetune", "--images", images, "-o", out, "-q")
@@ -295,3 +295,76 @@ def test_jacobian_stats_in_chunks_equal_the_direct_formula(monkeypatch):
         monkeypatch.setattr(metrics, "_STATS_CHUNK", chunk)
         stats = jacobian_stats(jacobian, mask)
         assert stats == pytest.approx(expected, rel=1e-9)
+
+
+# ---- the smaller bad inputs -------------------------------------------------------------------
+def test_apply_refuses_a_singular_matrix(run_cli, pair, tmp_path):
+    squash = np.eye(4)
+    squash[2, 2] = 0.0  # every point to the plane z = 0: a constant image
+    np.savetxt(tmp_path / "squash.txt", squash)
+    code, _, err = run_cli("apply", "--reference", pair["paths"]["fixed"], "--transform",
+                           tmp_path / "squash.txt", pair["paths"]["moving"], "-o",
+                           tmp_path / "out.nii.gz", "-q")
+    assert code != 0 and err.count("\n") == 1 and "singular" in err
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_apply_warns_about_a_label_map_with_linear_interpolation(run_cli, tmp_path):
+    grid = build_grid((24, 22, 20), (1.5, 1.5, 1.5), ORIENTATIONS["LPS"])
+    io.write_volume(tmp_path / "labels.nii.gz", world_labels(grid, (0.0, 0.0, 0.0), 12.0), grid)
+    io.write_volume(tmp_path / "image.nii.gz", world_image(grid), grid)
+    np.savetxt(tmp_path / "identity.txt", np.eye(4))
+    common = ["--reference", tmp_path / "image.nii.gz", "--transform", tmp_path / "identity.txt"]
+    code, _, err = run_cli("apply", *common, tmp_path / "labels.nii.gz", "-o",
+                           tmp_path / "a.nii.gz", "-q")
+    assert code == 0 and "warning" in err and "--interpolation nearest" in err
+    assert err.count("\n") == 1
+    for moving, flags in (("labels", ["--interpolation", "nearest"]), ("image", [])):
+        code, _, err = run_cli("apply", *common, tmp_path / f"{moving}.nii.gz", "-o",
+                               tmp_path / f"b_{moving}.nii.gz", "-q", *flags)
+        assert code == 0 and err == "", err
+
+
+def test_label_maps_and_masks_look_like_labels_and_images_do_not(small_brain_pair):
+    from LiquidRegLib.resources import sample_paths
+    from LiquidRegLib.validate import looks_like_labels
+    for key, path in sample_paths().items():
+        assert looks_like_labels(io.read_volume(path, dtype=None).array) == ("labels" in key), key
+    fixed, fixed_labels, _, _ = small_brain_pair  # 2 mm: coarser, the labels' regions smaller
+    assert looks_like_labels(fixed_labels.array) and not looks_like_labels(fixed.array)
+    assert looks_like_labels((fixed_labels.array > 0).astype(np.float32))  # a mask
+    assert not looks_like_labels(np.round(fixed.array))  # whole-numbered intensities
+
+
+def test_finetune_images_leaves_out_label_maps(run_cli, fake_engine, tmp_path):
+    from LiquidRegLib.resources import sample_paths
+    images = tmp_path / "images"
+    images.mkdir()
+    for key, path in sample_paths().items():
+        shutil.copy(path, images / path.name)
+    code, _, err = run_cli("finetune", "--images", images, "-o", tmp_path / "w.pt", "-q")
+    assert code == 0, err
+    used = {p for pair in fake_engine["finetune"]["pairs"] for p in pair[:2]}
+    assert used == {images / "fixed_t1.nii.gz", images / "moving_t1.nii.gz"}
+    assert "left out 2 label map(s)" in err and "fixed_labels.nii.gz" in err
+
+
+def test_evaluate_labels_in_neither_map_one_map_and_quiet(run_cli, tmp_path):
+    grid = build_grid((24, 24, 24), (1.0, 1.0, 2.0), ORIENTATIONS["LPS"])
+    fixed = np.zeros(grid.shape, np.int16)
+    moving = np.zeros(grid.shape, np.int16)
+    fixed[4:14, 4:14, 4:14] = 5
+    moving[9:19, 4:14, 4:14] = 5
+    fixed[16:20, 16:20, 16:20] = 7  # only in the fixed map
+    io.write_volume(tmp_path / "f.nii.gz", fixed, grid)
+    io.write_volume(tmp_path / "m.nii.gz", moving, grid)
+    files = [tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"]
+    code, _, err = run_cli("evaluate", *files, "--labels", "5,99", "-q")
+    assert code != 0 and "99" in err and "neither" in err and err.count("\n") == 1
+    code, out, err = run_cli("evaluate", *files, "--labels", "5,7", "-q", "-o",
+                             tmp_path / "report.json")
+    assert code == 0, err
+    assert "mean" in out and "      5" in out  # -q hides progress, not the results
+    report = json.loads((tmp_path / "report.json").read_text(),
+                        parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert report["dice"]["7"] == 0.0 and report["hd95_mm"]["7"] is None

@@ -68,6 +68,21 @@ class Reporter:
             self.close()
             print(text)
 
+    def result(self, text: str) -> None:
+        """What the user asked for (e.g. a metrics table): stdout, even when quiet; in json
+        mode it travels in the "done" event instead."""
+        if self.mode != "json":
+            self.close()
+            print(text)
+
+    def warn(self, text: str) -> None:
+        """Something the user should know although the command goes on: stderr, one line (in
+        json mode also a "warning" event)."""
+        self.close()
+        if self.mode == "json":
+            self._emit({"event": "warning", "message": text})
+        print(f"{PROG}: warning: {text}", file=sys.stderr)
+
     def done(self, **fields) -> None:
         self.close()
         if self.mode == "json":
@@ -188,9 +203,17 @@ def run_apply(args, reporter: Reporter) -> None:
         raise InputError(f"output '{out}' has no image extension; end it with .nii.gz, .nrrd or "
                          ".mha")
     _check_output_file(out, "resampled image")
+    from .validate import looks_like_labels
+
     reference = read_grid(args.reference, name="reference image")
     nearest = args.interpolation == "nearest"
-    moving = read_volume(args.moving, name="moving image", dtype=None if nearest else np.float32)
+    moving = read_volume(args.moving, name="moving image", dtype=None)
+    if not nearest:
+        if looks_like_labels(moving.array):
+            reporter.warn(f"{moving.name} looks like a label map; linear interpolation blends "
+                          "neighbouring labels into values that are no label: use "
+                          "--interpolation nearest for label maps")
+        moving.array = moving.array.astype(np.float32, copy=False)
     if image_extension(args.transform):
         displacement = torch.from_numpy(_displacement_on(args.transform, reference))
         world_map = None
@@ -233,6 +256,13 @@ def evaluate_files(fixed_labels_path, moving_labels_path, *, transform=None, jac
                 np.mod(volume.array, 1) == 0):
             raise InputError(f"{volume.name} has non-integer values; pass a label map "
                              "(segmentation), not an intensity image")
+    if labels is not None:
+        held = set(np.unique(fixed.array).tolist()) | set(np.unique(moving.array).tolist())
+        absent = [label for label in labels if label not in held]
+        if absent:
+            shown = sorted(int(v) for v in held - {0})[:8]
+            raise InputError(f"label(s) {', '.join(map(str, absent))} are in neither label map; "
+                             f"pass labels the maps hold (e.g. {', '.join(map(str, shown))})")
     field = _displacement_on(transform, fixed.grid) if transform else None
     warped = resample(moving.array, moving.grid, fixed.grid, order="nearest",
                       displacement=None if field is None else torch.from_numpy(field))
@@ -272,7 +302,7 @@ def run_evaluate(args, reporter: Reporter) -> None:
         j = report["jacobian"]
         lines.append(f"Jacobian: {j['pct_folding']:.4f} % folding (J <= 0), std log J "
                      f"{j['std_log_jac']:.4f}, min {j['min']:.3f}, max {j['max']:.3f}")
-    reporter.info("\n".join(lines))
+    reporter.result("\n".join(lines))
     reporter.done(output=args.output, metrics=report)
 
 
@@ -319,16 +349,26 @@ def pairs_from_csv(csv_path) -> list[tuple]:
     return pairs
 
 
-def pairs_from_folder(folder) -> list[tuple]:
-    """Every ordered pair of distinct images in ``folder`` (no labels)."""
-    from .io import is_image_file
+def pairs_from_folder(folder, reporter=None) -> list[tuple]:
+    """Every ordered pair of distinct intensity images in ``folder`` (no labels).  Label maps and
+    masks found there are left out (fine-tuning on them would teach the network nonsense); with
+    labels, pass a pairs CSV."""
+    from .io import is_image_file, read_volume
+    from .validate import looks_like_labels
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"images folder '{folder}' does not exist; check the path")
-    images = sorted(p for p in folder.iterdir() if is_image_file(p))
+    files = sorted(p for p in folder.iterdir() if is_image_file(p))
+    labels = [p for p in files if looks_like_labels(read_volume(p, name="image", dtype=None).array)]
+    images = [p for p in files if p not in labels]
+    skipped = (f" (left out {len(labels)} label map(s) or mask(s): "
+               f"{', '.join(p.name for p in labels[:3])}{', ...' if len(labels) > 3 else ''})"
+               if labels else "")
     if len(images) < 2:
-        raise InputError(f"images folder '{folder}' holds {len(images)} image(s); fine-tuning needs "
-                         "at least 2 (.nii.gz, .nrrd or .mha)")
+        raise InputError(f"images folder '{folder}' holds {len(images)} image(s){skipped}; "
+                         "fine-tuning needs at least 2 (.nii.gz, .nrrd or .mha)")
+    if labels and reporter is not None:
+        reporter.warn(f"fine-tuning on the {len(images)} images in '{folder}'{skipped}")
     return [(a, b, None, None) for a in images for b in images if a != b]
 
 
@@ -338,7 +378,7 @@ def run_finetune(args, reporter: Reporter) -> None:
 
     out = check_new_weights_path(args.output, overwrite=args.overwrite)  # before any work
     _check_output_file(out, "weights")
-    pairs = pairs_from_csv(args.pairs) if args.pairs else pairs_from_folder(args.images)
+    pairs = pairs_from_csv(args.pairs) if args.pairs else pairs_from_folder(args.images, reporter)
     reporter.info(f"fine-tuning on {len(pairs)} pair(s) for {args.steps} steps")
     summary = train.finetune(pairs, out, steps=args.steps, weights=args.weights,
                              device=args.device, overwrite=args.overwrite, progress=reporter,

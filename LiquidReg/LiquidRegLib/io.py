@@ -252,10 +252,22 @@ def read_affine(path, *, name: str = "initial affine") -> np.ndarray:
 
     Accepts a plain-text 4x4 matrix (RAS, fixed -> moving, as written in summary.json) or any
     linear ITK transform file (.txt/.tfm/.mat/.h5, LPS, same direction as ANTs/Elastix output).
+    A singular matrix (which would send the whole image to a plane, a line or a point) is refused.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{name} '{path}' does not exist; check the path")
+    matrix = _affine_from(path, name)
+    if not np.allclose(matrix[3], (0.0, 0.0, 0.0, 1.0)):
+        raise InputError(f"{name} '{path}' has last row {matrix[3].tolist()}, not 0 0 0 1; pass an "
+                         "affine matrix")
+    if abs(np.linalg.det(matrix[:3, :3])) < 1e-6:
+        raise InputError(f"{name} '{path}' is singular (it squashes space onto a plane, a line or "
+                         "a point); pass an invertible affine")
+    return matrix
+
+
+def _affine_from(path: Path, name: str) -> np.ndarray:
     try:
         matrix = np.loadtxt(path, ndmin=2)
         if matrix.shape == (4, 4) and np.all(np.isfinite(matrix)):

@@ -82,7 +82,12 @@ def hd95_per_label(fixed_labels: np.ndarray, warped_labels: np.ndarray, grid: Gr
     result = {}
     for label in labels:
         d = surface_distances(a == label, b == label, spacing)
-        result[label] = float(np.percentile(d, 95)) if d.size else float("nan")
+        if not d.size:
+            result[label] = float("nan")
+        elif not np.all(np.isfinite(d)):  # the label is missing from one map
+            result[label] = float("inf")
+        else:
+            result[label] = float(np.percentile(d, 95))
     return result
 
 

@@ -45,6 +45,30 @@ def check_image(volume, name: str | None = None) -> None:
                          "anatomical contrast")
 
 
+def looks_like_labels(array) -> bool:
+    """Whether an image holds labels (a segmentation or a mask) rather than intensities.
+
+    Label maps hold whole numbers that stay constant over regions: most of their non-zero voxels
+    equal their neighbour (measured on the sample pair: 0.76-0.90 of them, at 1 and 2 mm, even
+    with 96 labels), where intensity images, even stored as uint8, change from voxel to voxel
+    (0.02-0.17).
+    """
+    a = np.asarray(array)
+    if a.ndim != 3 or min(a.shape) < 2:
+        return False
+    if not np.issubdtype(a.dtype, np.integer):
+        if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)) \
+                or np.any(np.mod(a, 1)):
+            return False
+    inside = a != 0
+    equal = counted = 0
+    for axis in range(3):
+        x, n = np.moveaxis(a, axis, 0), np.moveaxis(inside, axis, 0)
+        equal += int(np.count_nonzero((x[1:] == x[:-1]) & n[1:]))
+        counted += int(np.count_nonzero(n[1:]))
+    return counted > 0 and equal > 0.5 * counted
+
+
 def mask_on_grid(mask, grid: Grid) -> np.ndarray:
     """The mask as a boolean array on ``grid`` (resampled by nearest neighbour if needed)."""
     if mask.grid == grid:
