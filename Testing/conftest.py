@@ -72,6 +72,28 @@ def world_image(grid: Grid, center_ras=None) -> np.ndarray:
     return (100 * blob + 20 * np.sin(x / 4.0) + 10 * np.cos(y / 5.0 + z / 7.0) + 40).astype(np.float32)
 
 
+_AXIS_OF = {"R": (0, False), "L": (0, True), "A": (1, False), "P": (1, True), "S": (2, False),
+            "I": (2, True)}
+
+
+def stored_as(array: np.ndarray, grid: Grid, code: str):
+    """The voxels of a RAS-ordered ``grid`` stored with the array axes pointing to ``code``
+    (e.g. "LIP"): a permutation and flips of the array, no resampling, so every value stays at
+    the same world position.  Returns (array, grid); vectors (a trailing axis) are kept."""
+    assert grid.orientation == "RAS", grid
+    axes = [_AXIS_OF[letter] for letter in code]
+    out = np.asarray(array).transpose(*[axis for axis, _ in axes], *range(3, np.ndim(array)))
+    out = out[tuple(slice(None, None, -1) if flip else slice(None) for _, flip in axes)]
+    index = np.zeros((4, 4))  # new voxel index -> RAS-ordered voxel index
+    index[3, 3] = 1.0
+    for new, (axis, flip) in enumerate(axes):
+        index[axis, new] = -1.0 if flip else 1.0
+        index[axis, 3] = grid.shape[axis] - 1 if flip else 0.0
+    new_grid = Grid(out.shape[:3], grid.affine @ index)
+    assert new_grid.orientation == code
+    return np.ascontiguousarray(out), new_grid
+
+
 def smooth_field(grid: Grid) -> np.ndarray:
     """A smooth float32 displacement field (RAS mm, a few mm) defined in world space."""
     x, y, z = np.moveaxis(grid.voxel_to_ras(np.indices(grid.shape).reshape(3, -1).T)

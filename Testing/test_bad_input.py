@@ -8,8 +8,9 @@ import pytest
 import SimpleITK as sitk
 
 from LiquidRegLib import io
+from LiquidRegLib.grid import Grid
 
-from conftest import ORIENTATIONS, build_grid, world_image
+from conftest import ORIENTATIONS, build_grid, stored_as, world_image
 
 SHAPE = (24, 24, 20)
 
@@ -224,23 +225,6 @@ def test_finetune_rejects_bad_pairs_file(run_cli, good):
     assert not out.exists()
 
 
-def _lip_crop(mask: np.ndarray, grid, window):
-    """The part ``window`` of a mask on ``grid``, stored LIP (axes permuted and flipped) on its
-    own, smaller grid whose voxel centres coincide with ``grid``'s."""
-    from LiquidRegLib.grid import Grid
-
-    crop = mask[window]
-    start = np.array([s.start for s in window], float)
-    crop_to_grid = np.eye(4)
-    crop_to_grid[:3, 3] = start
-    # LIP (for a RAS ``grid``): lip[a, b, c] = crop[n0-1-a, n1-1-c, n2-1-b]
-    n = crop.shape
-    lip = np.ascontiguousarray(crop[::-1, ::-1, ::-1].transpose(0, 2, 1))
-    lip_to_crop = np.array([[-1.0, 0, 0, n[0] - 1], [0, 0, -1, n[1] - 1], [0, -1, 0, n[2] - 1],
-                            [0, 0, 0, 1]])
-    return lip, Grid(lip.shape, grid.affine @ crop_to_grid @ lip_to_crop)
-
-
 def test_mask_on_its_own_grid_is_resampled_once_for_every_caller(run_cli, small_brain_pair,
                                                                   tmp_path):
     """A brain mask cropped to the brain and stored LIP (its own grid) registers like the same
@@ -252,8 +236,11 @@ def test_mask_on_its_own_grid_is_resampled_once_for_every_caller(run_cli, small_
     brain = (fixed_labels.array > 0).astype(np.uint8)
     inside = np.argwhere(brain)
     window = tuple(slice(lo, hi + 1) for lo, hi in zip(inside.min(0), inside.max(0)))
-    lip, lip_grid = _lip_crop(brain, fixed.grid, window)
-    assert lip_grid.orientation == "LIP" and lip.shape != brain.shape
+    start = np.eye(4)
+    start[:3, 3] = [w.start for w in window]
+    lip, lip_grid = stored_as(brain[window], Grid(brain[window].shape, fixed.grid.affine @ start),
+                              "LIP")
+    assert lip.shape != brain.shape
     # the crop really holds the same voxels: back on the image grid (independent nearest lookup)
     assert np.array_equal(resample(lip, lip_grid, fixed.grid, order="nearest"), brain)
 

@@ -165,15 +165,31 @@ def _mask_tensor(mask, image_grid: Grid, name: str, device) -> torch.Tensor | No
     return torch.from_numpy(np.ascontiguousarray(array)).to(device, torch.float32)[None, None]
 
 
+def _ras_order(tensor: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """A (1, 1, I, J, K) volume with its axes in RAS order (``grid.ras_ordered()``)."""
+    order = grid.ras_axes()
+    if order is None:
+        return tensor
+    perm, flips = order
+    tensor = tensor.permute(0, 1, *(2 + axis for axis in perm))
+    flipped = [2 + r for r in range(3) if flips[r]]
+    return torch.flip(tensor, flipped) if flipped else tensor
+
+
 def _pyramid(volume, mask, device, name: str) -> list[_Level]:
     """Box-averaged levels at about LEVELS_MM, coarse to fine, intensities scaled to [0, 1].
 
-    With a mask, each block is the average of its voxels inside the mask only, so whatever the
-    mask leaves out (an artefact, a lesion) does not bleed into the blocks along its border.
+    The blocks are taken on the RAS-ordered grid, so they start at the same corner of the world
+    whatever order the file stores its voxels in (RAS, LPS, LIP...): the same image always gives
+    the same pyramid, hence the same affine.  With a mask, each block is the average of its
+    voxels inside the mask only, so whatever the mask leaves out (an artefact, a lesion) does not
+    bleed into the blocks along its border.
     """
-    image = _image_tensor(volume, name, device)
+    image = _ras_order(_image_tensor(volume, name, device), volume.grid)
     weight = _mask_tensor(mask, volume.grid, name, device)
-    grid = volume.grid
+    if weight is not None:
+        weight = _ras_order(weight, volume.grid)
+    grid = volume.grid.ras_ordered()
     levels = []
     for spacing in sorted(LEVELS_MM):
         factors = [max(1, int(spacing / s + 0.5)) for s in grid.spacing]

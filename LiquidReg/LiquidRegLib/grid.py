@@ -144,6 +144,29 @@ class Grid:
         shape = [int(np.ceil(n / f)) for n, f in zip(self.shape, factors)]
         return Grid(tuple(shape), self.affine @ block)
 
+    def ras_axes(self):
+        """(perm, flips): array axis ``perm[r]`` points most nearly along RAS axis ``r`` (towards
+        R, A, S unless ``flips[r]``).  None for a strongly oblique grid (no unique answer)."""
+        direction = self.direction
+        perm = np.argmax(np.abs(direction), axis=1)  # for each RAS axis, the array axis nearest
+        if len(set(perm.tolist())) != 3:
+            return None
+        return tuple(int(p) for p in perm), tuple(bool(f) for f in direction[np.arange(3), perm] < 0)
+
+    def ras_ordered(self) -> "Grid":
+        """The grid of the same voxels stored in RAS axis order (see :meth:`ras_axes`): the same
+        image stored LPS, LIP or RAS has one and the same RAS-ordered array and grid."""
+        order = self.ras_axes()
+        if order is None:
+            return self
+        perm, flips = order
+        index = np.zeros((4, 4))  # RAS-ordered voxel index -> this grid's voxel index
+        index[3, 3] = 1.0
+        for r, (axis, flip) in enumerate(zip(perm, flips)):
+            index[axis, r] = -1.0 if flip else 1.0
+            index[axis, 3] = self.shape[axis] - 1 if flip else 0.0
+        return Grid(tuple(self.shape[axis] for axis in perm), self.affine @ index)
+
     def canonical_working_grid(self, spacing_mm: float, multiple: int = 8,
                                max_size: int = 160) -> "Grid":
         """An isotropic RAS-ordered grid covering this grid's field of view.
@@ -154,13 +177,8 @@ class Grid:
         ``max_size`` voxels along any axis.
         """
         corners = self.corners_ras()
-        # Closest permutation/flip of this grid's axes to R, A, S.
-        direction = self.direction
-        perm = np.argmax(np.abs(direction), axis=1)  # for each RAS axis, the array axis nearest
-        if len(set(perm.tolist())) != 3:  # strongly oblique: fall back to a pure RAS frame
-            rot = np.eye(3)
-        else:
-            rot = direction[:, perm] * np.sign(direction[np.arange(3), perm])
+        # Closest permutation/flip of this grid's axes to R, A, S (strongly oblique: pure RAS).
+        rot = self.ras_ordered().direction if self.ras_axes() is not None else np.eye(3)
         # Extent of the field of view (voxel centres +- half a voxel) in the rotated frame.
         local = corners @ rot
         half = 0.5 * np.abs(rot.T @ self.affine[:3, :3]).sum(axis=1)
