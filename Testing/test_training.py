@@ -253,3 +253,25 @@ def test_finetune_writes_new_weights_and_never_the_shipped_ones(tmp_path, small_
     assert any(not torch.equal(v, original[k]) for k, v in tuned.state_dict().items())
     assert {e.stage for e in events} >= {"prepare", "finetune"}
     assert any("dice" in e.metrics for e in events if e.stage == "finetune")
+
+
+def test_rng_state_is_data_never_code(tmp_path):
+    """The random state round-trips through a checkpoint; an old checkpoint's repr string is
+    read as a literal, and one holding code is refused without running it."""
+    import random
+    random.seed(7)
+    saved = train._rng_state()
+    expected = [random.random() for _ in range(3)]
+    random.seed(99)
+    train._set_rng_state(saved)
+    assert [random.random() for _ in range(3)] == expected
+    random.seed(7)
+    old = dict(train._rng_state(), python=repr(random.getstate()))
+    random.seed(99)
+    train._set_rng_state(old)
+    assert [random.random() for _ in range(3)] == expected
+    marker = tmp_path / "ran"
+    evil = dict(saved, python=f"__import__('pathlib').Path({str(marker)!r}).touch()")
+    with pytest.raises(WeightsError, match="random state"):
+        train._set_rng_state(evil)
+    assert not marker.exists()

@@ -6,7 +6,6 @@ every step, so cancelling never leaves half-applied state behind.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -20,7 +19,6 @@ class ProgressEvent:
     total: Optional[int] = None   # steps in this stage, if known
     message: str = ""
     metrics: dict = field(default_factory=dict)  # losses, grad norm, skipped steps, eta_s, ...
-    time: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict:
         return {"stage": self.stage, "step": self.step, "total": self.total,

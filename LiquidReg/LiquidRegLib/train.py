@@ -19,6 +19,7 @@ The faults of the original training are fixed at the root, not clamped:
 """
 from __future__ import annotations
 
+import ast
 import copy
 import math
 import os
@@ -35,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint, diffeo, losses, validate
-from .errors import InputError, TrainingDiverged
+from .errors import InputError, TrainingDiverged, WeightsError
 from .progress import CancelFn, ProgressFn, check, report
 
 
@@ -156,14 +157,30 @@ class RunState:
 
 
 def _rng_state() -> dict:
+    version, internal, gauss = random.getstate()
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-            "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
+            "numpy_pos": int(np.random.get_state()[2]),
+            "python": {"version": version, "state": list(internal), "gauss": gauss}}
 
 
 def _set_rng_state(state: dict) -> None:
+    """Restore the RNGs from checkpoint data: numbers only, never evaluated as code."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"]))
-    random.setstate(eval(state["python"], {"__builtins__": {}}))  # repr of tuples of ints only
+    python = state["python"]
+    if isinstance(python, str):  # checkpoints written before 0.1.1 kept repr(random.getstate())
+        try:
+            python = ast.literal_eval(python)
+        except (ValueError, SyntaxError):
+            raise WeightsError("the checkpoint's random state is not a Python RNG state; "
+                               "start the run afresh") from None
+        python = {"version": python[0], "state": python[1], "gauss": python[2]}
+    internal = python["state"]
+    if not (isinstance(python["version"], int) and all(isinstance(v, int) for v in internal)
+            and (python["gauss"] is None or isinstance(python["gauss"], float))):
+        raise WeightsError("the checkpoint's random state is not a Python RNG state; start the "
+                           "run afresh")
+    random.setstate((python["version"], tuple(internal), python["gauss"]))
 
 
 def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: TrainConfig, *,

@@ -119,4 +119,4 @@ def check_overlap(fixed, moving, world_map=None, minimum: float = 0.01) -> None:
         mc = ", ".join(f"{v:.0f}" for v in moving.grid.center)
         raise InputError(f"{_label(fixed, None)} and {_label(moving, None)} do not overlap in world "
                          f"space (centres at ({fc}) and ({mc}) mm RAS); align them first: keep "
-                         "the affine step on, pass --initial-affine, or fix the image origins")
+                         "the affine step on, give an initial affine, or fix the image origins")
