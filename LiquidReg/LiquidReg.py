@@ -502,7 +502,7 @@ class LiquidRegLogic(ScriptedLoadableModuleLogic):
 # LiquidRegTest
 #
 class LiquidRegTest(ScriptedLoadableModuleTest):
-    """Runs the checks CI runs with slicer-core (LiquidRegLib/slicer_tests.py), then the panel."""
+    """Runs the checks CI runs with slicer-core (LiquidRegTesting/slicer_tests.py), then the panel."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -513,7 +513,7 @@ class LiquidRegTest(ScriptedLoadableModuleTest):
         self.test_PanelRegistersInBackground()
 
     def test_SharedChecks(self):
-        from LiquidRegLib import slicer_tests
+        from LiquidRegTesting import slicer_tests
 
         for body in slicer_tests.ALL_TESTS:
             self.setUp()
@@ -525,7 +525,7 @@ class LiquidRegTest(ScriptedLoadableModuleTest):
         """Register clicked in the panel: the GUI keeps running and the results appear."""
         self.setUp()
         from LiquidRegLib import logic as engine
-        from LiquidRegLib import slicer_tests
+        from LiquidRegTesting import slicer_tests
 
         fixed = engine.read_volume_node(slicer_tests.SAMPLE_DIR / "fixed_t1.nii.gz", "fixed")
         moving = engine.read_volume_node(slicer_tests.SAMPLE_DIR / "moving_t1.nii.gz", "moving")

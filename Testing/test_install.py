@@ -31,6 +31,9 @@ def test_wheel_holds_the_runtime_and_its_data(wheel):
     for file_name in resources.SAMPLE_FILES.values():
         assert f"LiquidRegLib/resources/sample/{file_name}" in names
     assert "LiquidRegLib/register.py" in names and "LiquidRegLib/cli.py" in names
+    tooling = [n for n in names if n.startswith(("LiquidRegTesting/", "liquidreg_tools/"))
+               or n in ("LiquidRegLib/peers.py", "LiquidRegLib/slicer_tests.py")]
+    assert not tooling, f"tooling or test bodies in the wheel: {tooling}"
 
 
 def test_installed_wheel_registers_the_sample_pair_from_another_folder(wheel, tmp_path):

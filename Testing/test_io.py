@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from LiquidRegLib import io
 from LiquidRegLib.errors import InputError
-from LiquidRegLib.grid import LPS_FLIP, Grid
+from LiquidRegLib.grid import LPS_FLIP
 
 from conftest import build_grid, smooth_field, world_image
 

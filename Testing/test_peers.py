@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import build_grid, rotation
-from LiquidRegLib import io, peers
+from LiquidRegLib import io
+from liquidreg_tools import peers
 from LiquidRegLib.grid import LPS_FLIP, Grid, resample
 
 #: Fixed point x sits at moving point x + SHIFT_RAS in the "translated" pair.

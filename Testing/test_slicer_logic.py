@@ -3,7 +3,7 @@
 ``slicer-core`` provides Slicer's real MRML libraries as a wheel: ``import slicer`` gives the MRML
 classes and ``slicer.util``; there is no application, so each test makes its own scene and sets
 ``slicer.mrmlScene`` to it, exactly as a plain-Python user would.  The test bodies live in
-``LiquidRegLib/slicer_tests.py`` and also run inside Slicer (``LiquidRegTest``).
+``LiquidRegTesting/slicer_tests.py`` and also run inside Slicer (``LiquidRegTest``).
 """
 import re
 from pathlib import Path
@@ -12,7 +12,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer")  # the slicer-core wheel
 
-from LiquidRegLib import logic, slicer_tests  # noqa: E402
+from LiquidRegTesting import slicer_tests  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "LiquidReg"
@@ -79,8 +79,8 @@ def test_cmake_lists_every_file():
     engine's package data (which holds no code) beside the engine, where the wheel puts it."""
     listed = (MODULE / "CMakeLists.txt").read_text()
     package_data = MODULE / "LiquidRegLib" / "resources"
-    engine = [path for path in (MODULE / "LiquidRegLib").rglob("*.py")
-              if "__pycache__" not in path.parts]
+    engine = [path for package in ("LiquidRegLib", "LiquidRegTesting")
+              for path in (MODULE / package).rglob("*.py") if "__pycache__" not in path.parts]
     assert engine and not [p for p in engine if package_data in p.parents]
     expected = [path.relative_to(MODULE).as_posix() for path in engine]
     expected += [path.relative_to(MODULE).as_posix().replace("LiquidReg", "${MODULE_NAME}")

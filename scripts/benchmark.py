@@ -19,7 +19,7 @@ Each (pair, method) runs in a fresh subprocess with the same number of threads, 
 the registration's wall time (reading the images to having the transform; library import
 excluded) and its peak resident memory (VmHWM right after registering), so methods cannot
 pollute each other.  Every result is converted to one convention (RAS mm displacement on the
-fixed grid, fixed -> moving; see LiquidRegLib.peers) and scored identically: moving labels warped
+fixed grid, fixed -> moving; see liquidreg_tools.peers) and scored identically: moving labels warped
 nearest-neighbour through ``grid.resample``, mean Dice and HD95 over the labels both subjects
 reliably annotate (``data.labels.shared_labels``), and the Jacobian determinant
 (``diffeo.jacobian_determinant_ras``) inside the fixed brain mask: % voxels with J <= 0 and
@@ -40,12 +40,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from liquidreg_tools.measure import THREAD_VARIABLES, machine, memory_mb, run_measured, write_report
 
 # Heavy modules (torch, ants, itk) are imported inside functions: this file is also the child
 # process of every measured run, which must load only its own method's libraries.
@@ -57,20 +56,10 @@ METHODS = {
     "ants_syn": "ANTs SyN",
     "elastix": "elastix affine + B-spline",
 }
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
 RESULT, DISPLACEMENT = "result.json", "displacement.nii.gz"
 
 
 # ---- the measured child process -------------------------------------------------------------
-def memory_mb(key: str = "VmHWM") -> float:
-    """This process's peak (VmHWM) or current (VmRSS) resident memory, MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
 def run_child(method: str, fixed: str, moving: str, workdir: str, iterations: int,
               weights: str | None, threads: int) -> dict:
     """Register one pair with one method; write the displacement (our convention) and timings."""
@@ -97,7 +86,7 @@ def run_child(method: str, fixed: str, moving: str, workdir: str, iterations: in
     elif method == "ants_syn":
         import ants  # noqa: F401  (loaded before timing)
 
-        from LiquidRegLib import peers
+        from liquidreg_tools import peers
         baseline = memory_mb("VmRSS")
         start = time.perf_counter()
         transforms = peers.ants_register(fixed, moving, work, type_of_transform="SyN")
@@ -107,7 +96,7 @@ def run_child(method: str, fixed: str, moving: str, workdir: str, iterations: in
     elif method == "elastix":
         import itk
 
-        from LiquidRegLib import peers
+        from liquidreg_tools import peers
         # itk loads its wrappers lazily (tens of seconds): touch them before the clock starts
         for name in ("imread", "ElastixRegistrationMethod", "ParameterObject", "TransformixFilter"):
             getattr(itk, name)
@@ -149,29 +138,6 @@ def child_main(argv) -> int:
 
 
 # ---- preparing the held-out pairs -------------------------------------------------------------
-def machine() -> dict:
-    """What the numbers were measured on."""
-    import torch
-
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for module, attribute in (("ants", "__version__"), ("numpy", "__version__")):
-        try:
-            versions[module] = getattr(__import__(module), attribute)
-        except ImportError:
-            pass
-    try:
-        from importlib.metadata import version
-        versions["itk-elastix"] = version("itk-elastix")
-    except Exception:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(),
-            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "load_average_at_start": os.getloadavg(), "versions": versions}
-
-
 def held_out(data: Path) -> tuple[dict, list[tuple[str, str]]]:
     """Manifest entries of the held-out ("test") subjects and the benchmark pairs over them."""
     from LiquidRegLib.data.fetch import MANIFEST, benchmark_pairs
@@ -244,23 +210,6 @@ def prepare_subjects(data: Path, entries: dict, work: Path, downsample: float | 
 
 
 # ---- running and scoring ----------------------------------------------------------------------
-def run_measured(command: list[str], env: dict, log_path: Path, timeout: float) -> dict:
-    """Run a child to completion; its wall time and peak RSS (from the kernel's rusage)."""
-    with open(log_path, "wb") as log:
-        start = time.perf_counter()
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        timer = threading.Timer(timeout, process.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(process.pid, 0)
-        finally:
-            timer.cancel()
-        process.returncode = os.waitstatus_to_exitcode(status)
-    return {"process_seconds": time.perf_counter() - start,
-            "process_peak_rss_mb": usage.ru_maxrss / 1024.0,
-            "exit_code": process.returncode, "timed_out": process.returncode == -9}
-
-
 def run_method(method: str, fixed: Path, moving: Path, workdir: Path, args) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     result_path = workdir / RESULT
@@ -390,17 +339,6 @@ def markdown(report: dict) -> str:
 
 
 # ---- main -------------------------------------------------------------------------------------
-def write_report(out: Path, name: str, report: dict, text: str) -> None:
-    """``name``.json and ``name``.md in ``out`` (atomically), and the table on stdout."""
-    from LiquidRegLib import io
-
-    out.mkdir(parents=True, exist_ok=True)
-    io.write_json(out / f"{name}.json", report)
-    with io.atomic_output(out / f"{name}.md") as tmp:
-        tmp.write_text(text)
-    print(text)
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--child"]:

@@ -34,7 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmark import THREAD_VARIABLES, machine, memory_mb, run_measured, write_report
+from liquidreg_tools.measure import (THREAD_VARIABLES, machine, memory_mb, run_measured,
+                                     write_report)
 
 BRAIN_SHAPE = (193, 229, 193)
 LARGE_SHAPE, LARGE_SPACING = (400, 400, 400), 0.5

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import InputError, LiquidRegError
+from LiquidRegLib.errors import InputError, LiquidRegError
 
 #: itk-elastix default parameter maps, in order, for "elastix affine + B-spline".
 ELASTIX_MAPS = ("affine", "bspline")
@@ -29,7 +29,7 @@ def _need(module: str, package: str):
 
 def _read_field(path, fixed_path):
     """An ITK displacement file as (RAS field, grid), checked to lie on the fixed image's grid."""
-    from .io import read_displacement, read_grid
+    from LiquidRegLib.io import read_displacement, read_grid
 
     field, grid = read_displacement(path, name="peer displacement")
     fixed_grid = read_grid(fixed_path, name="fixed image")

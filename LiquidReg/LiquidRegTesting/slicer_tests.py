@@ -15,12 +15,12 @@ import slicer.util
 import vtk
 from vtk.util import numpy_support
 
-from . import logic
-from .errors import InputError
-from .grid import LPS_FLIP, Grid
-from .io import read_volume
-from .resources import folder
-from .results import RESULT_FILES
+from LiquidRegLib import logic
+from LiquidRegLib.errors import InputError
+from LiquidRegLib.grid import LPS_FLIP, Grid
+from LiquidRegLib.io import read_volume
+from LiquidRegLib.resources import folder
+from LiquidRegLib.results import RESULT_FILES
 
 SAMPLE_DIR = folder("sample")
 
@@ -314,8 +314,8 @@ def test_progress_lines(workdir):
 def test_finetune_inputs(workdir):
     """Fine-tuning data reaches the command in its own formats, and new weights never replace
     existing or shipped ones."""
-    from .resources import default_weights
-    from .cli import pairs_from_csv
+    from LiquidRegLib.cli import pairs_from_csv
+    from LiquidRegLib.resources import default_weights
 
     grid = Grid((10, 10, 10), oblique_lps_affine((2.0, 2.0, 2.0), (0.0, 5.0, 0.0)))
     fixed, moving = _pair_on(grid)
