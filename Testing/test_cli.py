@@ -368,3 +368,30 @@ def test_evaluate_labels_in_neither_map_one_map_and_quiet(run_cli, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text(),
                         parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
     assert report["dice"]["7"] == 0.0 and report["hd95_mm"]["7"] is None
+
+
+def test_readme_commands_parse():
+    """Every ``liquidreg`` command the README shows is valid syntax for the command line (its
+    optional parts included, the first of each a|b choice)."""
+    import re
+    import shlex
+
+    from LiquidRegLib.cli import build_parser
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        lines = []
+        for line in block.splitlines():
+            if line.startswith(" ") and line.strip().startswith("[") and lines:
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line)
+        commands += [line.split("#")[0] for line in lines if line.startswith("liquidreg ")]
+    assert len(commands) >= 4, commands
+    for command in commands:
+        words = [{"N": "3"}.get(w, w.split("|")[0])  # N: a number of steps
+                 for w in shlex.split(command.replace("[", " ").replace("]", " "))]
+        try:
+            build_parser().parse_args(words[1:])
+        except SystemExit:
+            pytest.fail(f"README command does not parse: {command}")
