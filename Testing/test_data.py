@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from LiquidRegLib import diffeo
-from LiquidRegLib.data import labels as L
-from LiquidRegLib.data.deform import DeformConfig, random_deformation
-from LiquidRegLib.data.pairs import PairConfig, PairSampler
-from LiquidRegLib.data.subjects import Subject
-from LiquidRegLib.data.synth import SynthConfig, augment_image, synthesize
+from liquidreg_tools.data import labels as L
+from liquidreg_tools.data.deform import DeformConfig, random_deformation
+from liquidreg_tools.data.pairs import PairConfig, PairSampler
+from liquidreg_tools.data.subjects import Subject
+from liquidreg_tools.data.synth import SynthConfig, augment_image, synthesize
 from LiquidRegLib.grid import Grid
 from LiquidRegLib.resources import sample_paths
 
@@ -114,7 +114,7 @@ def test_compact_relabelling():
 
 def test_brain_region_fills_a_ribbon_that_is_open_at_the_base():
     """Donor maps are a cortex ribbon open underneath; the region must still hold the interior."""
-    from LiquidRegLib.data.propagate import brain_region
+    from liquidreg_tools.data.propagate import brain_region
 
     i, j, k = np.meshgrid(*[np.arange(40)] * 3, indexing="ij")
     r = np.sqrt((i - 20) ** 2 + (j - 20) ** 2 + (k - 20) ** 2)
@@ -153,7 +153,7 @@ def test_synthesis_preserves_label_structure():
 
 
 def test_resolution_loss_does_not_shift_the_image_against_its_labels():
-    from LiquidRegLib.data.synth import lose_resolution
+    from liquidreg_tools.data.synth import lose_resolution
 
     blob = torch.zeros(1, 1, 36, 40, 44)
     blob[:, :, 9:14, 22:30, 25:31] = 1.0
@@ -171,7 +171,7 @@ def test_resolution_loss_does_not_shift_the_image_against_its_labels():
 
 
 def test_shared_contrast_gives_equal_means_and_batch_items_differ():
-    from LiquidRegLib.data.synth import random_label_means
+    from liquidreg_tools.data.synth import random_label_means
 
     labels = as_batch(toy_brain()).repeat(2, 1, 1, 1, 1)
     g = torch.Generator().manual_seed(1)
@@ -194,7 +194,7 @@ def test_real_image_augmentation_is_deterministic_and_in_range():
 
 
 def test_t1_like_image_orders_tissues_like_a_t1():
-    from LiquidRegLib.data.synth import t1_like
+    from liquidreg_tools.data.synth import t1_like
 
     from scipy import ndimage
 
@@ -211,7 +211,7 @@ def test_t1_like_image_orders_tissues_like_a_t1():
 
 
 def test_benchmark_pairs_are_the_held_out_subjects_with_templates_fixed():
-    from LiquidRegLib.data.fetch import benchmark_pairs
+    from liquidreg_tools.data.fetch import benchmark_pairs
 
     manifest = {"subjects": {
         "d2": {"name": "d2", "kind": "individual", "split": "test"},
@@ -238,7 +238,7 @@ def test_random_deformations_are_diffeomorphic_and_not_trivial(seed):
 
 def test_pure_affine_deformation_matches_its_matrix():
     """With no velocity the displacement is exactly the sampled affine about the grid centre."""
-    from LiquidRegLib.data import deform
+    from liquidreg_tools.data import deform
 
     grid = Grid((16, 20, 16), np.diag([2.0, 2.0, 2.0, 1.0]))
     config = DeformConfig(velocity_std_max=0.0)

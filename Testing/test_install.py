@@ -38,7 +38,8 @@ def test_wheel_holds_the_runtime_and_its_data(wheel):
         assert f"LiquidRegLib/resources/sample/{file_name}" in names
     assert "LiquidRegLib/register.py" in names and "LiquidRegLib/cli.py" in names
     tooling = [n for n in names if n.startswith(("LiquidRegTesting/", "liquidreg_tools/"))
-               or n in ("LiquidRegLib/peers.py", "LiquidRegLib/slicer_tests.py")]
+               or n in ("LiquidRegLib/peers.py", "LiquidRegLib/slicer_tests.py")
+               or n.startswith("LiquidRegLib/data/")]
     assert not tooling, f"tooling or test bodies in the wheel: {tooling}"
 
 

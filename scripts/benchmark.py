@@ -140,7 +140,7 @@ def child_main(argv) -> int:
 # ---- preparing the held-out pairs -------------------------------------------------------------
 def held_out(data: Path) -> tuple[dict, list[tuple[str, str]]]:
     """Manifest entries of the held-out ("test") subjects and the benchmark pairs over them."""
-    from LiquidRegLib.data.fetch import MANIFEST, benchmark_pairs
+    from liquidreg_tools.data.fetch import MANIFEST, benchmark_pairs
     from LiquidRegLib.errors import InputError
 
     path = data / MANIFEST
@@ -160,7 +160,7 @@ def subject_image(data: Path, entry: dict, subject):
     """The subject's skull-stripped image on its 1 mm grid: its T1, else its T1-like rendering."""
     import numpy as np
 
-    from LiquidRegLib.data import volumes
+    from liquidreg_tools.data import volumes
     from LiquidRegLib.errors import InputError
     from LiquidRegLib.preprocess import normalise_intensity
 
@@ -181,8 +181,8 @@ def prepare_subjects(data: Path, entries: dict, work: Path, downsample: float | 
     import numpy as np
 
     from LiquidRegLib import io
-    from LiquidRegLib.data.fetch import load_subject
-    from LiquidRegLib.data.volumes import ras_grid
+    from liquidreg_tools.data.fetch import load_subject
+    from liquidreg_tools.data.volumes import ras_grid
     from LiquidRegLib.grid import resample
 
     out = {}
@@ -241,7 +241,7 @@ def score(fixed: dict, moving: dict, displacement_path: Path | None) -> dict:
     import torch
 
     from LiquidRegLib import diffeo, io, metrics
-    from LiquidRegLib.data import labels as L
+    from liquidreg_tools.data import labels as L
     from LiquidRegLib.grid import resample
 
     level, ids = L.shared_labels(fixed["entry"], moving["entry"])

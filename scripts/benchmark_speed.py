@@ -117,7 +117,7 @@ def train_child(size: int, steps: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     from LiquidRegLib import train
-    from LiquidRegLib.data.synth import gaussian_blur, synthesize
+    from liquidreg_tools.data.synth import gaussian_blur, synthesize
     from LiquidRegLib.model import LiquidReg, ModelConfig
 
     baseline = memory_mb("VmRSS")

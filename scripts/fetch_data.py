@@ -7,7 +7,7 @@
 import argparse
 import sys
 
-from LiquidRegLib.data import fetch, sample
+from liquidreg_tools.data import fetch, sample
 
 
 def main(argv=None) -> int:

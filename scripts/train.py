@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from LiquidRegLib import checkpoint, train
-from LiquidRegLib.data import labels as L
-from LiquidRegLib.data.deform import DeformConfig
-from LiquidRegLib.data.pairs import PairSampler
+from liquidreg_tools.data import labels as L
+from liquidreg_tools.data.deform import DeformConfig
+from liquidreg_tools.data.pairs import PairSampler
 from LiquidRegLib.model import LiquidReg, ModelConfig
 from LiquidRegLib.devices import resolve_device, reuse_freed_memory
 from LiquidRegLib.resources import default_weights

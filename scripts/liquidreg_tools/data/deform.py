@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..diffeo import integrate_velocity, resize_field
-from ..grid import Grid, identity_voxels
+from LiquidRegLib.diffeo import integrate_velocity, resize_field
+from LiquidRegLib.grid import Grid, identity_voxels
 from .synth import gaussian_blur
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..grid import Grid, resample
+from LiquidRegLib.grid import Grid, resample
 
 
 def load(path) -> tuple[np.ndarray, Grid]:

@@ -16,10 +16,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..diffeo import warp
-from ..errors import InputError
-from ..grid import Grid, resample
-from ..preprocess import normalise_intensity
+from LiquidRegLib.diffeo import warp
+from LiquidRegLib.errors import InputError
+from LiquidRegLib.grid import Grid, resample
+from LiquidRegLib.preprocess import normalise_intensity
 from . import labels as L
 from .deform import DeformConfig, random_deformation
 from .fetch import MANIFEST, load_subject

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import resources
+from LiquidRegLib import resources
 from . import volumes
 from .subjects import Subject
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ..grid import Grid
+from LiquidRegLib.grid import Grid
 from . import labels as L
 
 #: Structures taken from the atlas where the donor is unlabelled.

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
-from ..grid import Grid, resample
+from LiquidRegLib.grid import Grid, resample
 from . import labels as L
 from . import sources, volumes
 
