@@ -293,7 +293,7 @@ def _affine_from(path: Path, name: str) -> np.ndarray:
 
 # ---- writing ---------------------------------------------------------------------------------
 #: Bytes handed to the compressor or the disk at once when an image is streamed to a file.
-_CHUNK_BYTES = 1 << 24
+_CHUNK_BYTES = 1 << 22
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 

@@ -15,9 +15,10 @@ from .errors import LiquidRegError
 
 #: A model fitted to the peaks (ru_maxrss) of ``liquidreg register`` on the CPU with 2 threads:
 #: 128^3, 160^3, a 193x229x193 brain and 256^3 at 1 mm, 400^3 at 0.5 mm, network only and with
-#: instance optimisation (README, "Speed and memory").  Before the margin it lies 3-18 % above
-#: every measured peak; the margin covers the allocator's variation between runs.
-BASE_BYTES = 650 * 2 ** 20          # Python, torch, SimpleITK, the network, reading the files
+#: instance optimisation (README, "Speed and memory").  Repeated runs of one pair vary by up to
+#: ~130 MB (thread scheduling decides how the allocator's arenas fill): the base and the margin
+#: cover that; the estimate lies 10-50 % above the measured peaks, the most for small images.
+BASE_BYTES = 750 * 2 ** 20          # Python, torch, SimpleITK, the network, reading the files
 FIXED_BYTES_PER_VOXEL = 26          # the image (float32) + displacement (3) + warped + Jacobian
 MOVING_BYTES_PER_VOXEL = 16         # the image + the inverse displacement (3)
 SLAB_BYTES_PER_VOXEL = 40           # the output stage's slabs (register.SLAB_VOXELS) ...
