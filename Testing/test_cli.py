@@ -141,14 +141,23 @@ def test_jacobian_stats_known_values():
     assert (stats["min"], stats["max"]) == (-1.0, 2.0)
 
 
-def test_evaluate_reports_dice_hd95_and_jacobian(run_cli, tmp_path):
+def _shifted_cubes(folder, extra_fixed_label=None):
+    """f.nii.gz and m.nii.gz: label 5 as a cube, moved by 5 voxels along i in the moving map;
+    ``extra_fixed_label`` adds a small cube of that label to the fixed map only.  Returns the grid."""
     grid = build_grid((24, 24, 24), (1.0, 1.0, 2.0), ORIENTATIONS["LPS"])
     fixed = np.zeros(grid.shape, np.int16)
     moving = np.zeros(grid.shape, np.int16)
     fixed[4:14, 4:14, 4:14] = 5
     moving[9:19, 4:14, 4:14] = 5
-    io.write_volume(tmp_path / "f.nii.gz", fixed, grid)
-    io.write_volume(tmp_path / "m.nii.gz", moving, grid)
+    if extra_fixed_label is not None:
+        fixed[16:20, 16:20, 16:20] = extra_fixed_label
+    io.write_volume(folder / "f.nii.gz", fixed, grid)
+    io.write_volume(folder / "m.nii.gz", moving, grid)
+    return grid
+
+
+def test_evaluate_reports_dice_hd95_and_jacobian(run_cli, tmp_path):
+    grid = _shifted_cubes(tmp_path)
     zero = tmp_path / "zero_warp.nii.gz"
     io.write_displacement(zero, np.zeros((*grid.shape, 3), np.float32), grid)
     report = tmp_path / "report.json"
@@ -350,14 +359,7 @@ def test_finetune_images_leaves_out_label_maps(run_cli, fake_engine, tmp_path):
 
 
 def test_evaluate_labels_in_neither_map_one_map_and_quiet(run_cli, tmp_path):
-    grid = build_grid((24, 24, 24), (1.0, 1.0, 2.0), ORIENTATIONS["LPS"])
-    fixed = np.zeros(grid.shape, np.int16)
-    moving = np.zeros(grid.shape, np.int16)
-    fixed[4:14, 4:14, 4:14] = 5
-    moving[9:19, 4:14, 4:14] = 5
-    fixed[16:20, 16:20, 16:20] = 7  # only in the fixed map
-    io.write_volume(tmp_path / "f.nii.gz", fixed, grid)
-    io.write_volume(tmp_path / "m.nii.gz", moving, grid)
+    _shifted_cubes(tmp_path, extra_fixed_label=7)  # 7: only in the fixed map
     files = [tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"]
     code, _, err = run_cli("evaluate", *files, "--labels", "5,99", "-q")
     assert code != 0 and "99" in err and "neither" in err and err.count("\n") == 1

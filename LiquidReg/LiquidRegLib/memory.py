@@ -92,10 +92,11 @@ def _cgroup_room(root: Path = Path("/")) -> int | None:
     return min(rooms) if rooms else None
 
 
-def _meminfo_available() -> int | None:
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A "Key:  N kB" entry of a /proc file, in bytes (None where the system has no /proc)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
@@ -104,19 +105,14 @@ def _meminfo_available() -> int | None:
 
 def resident() -> int:
     """This process's resident memory now (0 where the system does not say)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return _proc_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def available() -> int | None:
     """Bytes this process can still allocate: the smaller of the system's available memory and
     the room its cgroup leaves (None where neither is known, e.g. not Linux)."""
-    known = [v for v in (_meminfo_available(), _cgroup_room()) if v is not None]
+    known = [v for v in (_proc_bytes("/proc/meminfo", "MemAvailable"), _cgroup_room())
+             if v is not None]
     return min(known) if known else None
 
 
