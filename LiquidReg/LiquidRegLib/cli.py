@@ -12,13 +12,15 @@ import json
 import os
 import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from .errors import InputError, LiquidRegError
-from .progress import ProgressEvent
+from .progress import ProgressEvent, check
 
 PROG = "liquidreg"
 
@@ -119,7 +121,7 @@ def _check_output_file(out: Path, what: str) -> None:
 
 
 # ---- register --------------------------------------------------------------------------------
-def run_register(args, reporter: Reporter) -> None:
+def run_register(args, reporter: Reporter, cancel=None) -> None:
     from . import register as registration
     from .io import read_affine, read_volume, save_result
     from .validate import check_overlap
@@ -146,7 +148,8 @@ def run_register(args, reporter: Reporter) -> None:
     result = registration.register(
         fixed, moving, iterations=args.iterations, device=args.device, affine=not args.no_affine,
         initial_affine=initial, fixed_mask=masks.get("fixed"), moving_mask=masks.get("moving"),
-        weights=args.weights, regularisation=args.regularisation, progress=reporter, cancel=None)
+        weights=args.weights, regularisation=args.regularisation, progress=reporter, cancel=cancel)
+    check(cancel)
     paths = save_result(result, out, png=not args.no_png, fixed=fixed, moving=moving,
                         progress=reporter)
     summary = getattr(result, "summary", None) or {}
@@ -167,7 +170,7 @@ def _displacement_on(path, reference_grid):
     return np.stack([resample(field[..., c], field_grid, reference_grid) for c in range(3)], -1)
 
 
-def run_apply(args, reporter: Reporter) -> None:
+def run_apply(args, reporter: Reporter, cancel=None) -> None:
     import torch
 
     from .grid import resample
@@ -240,7 +243,7 @@ def evaluate_files(fixed_labels_path, moving_labels_path, *, transform=None, jac
     return report
 
 
-def run_evaluate(args, reporter: Reporter) -> None:
+def run_evaluate(args, reporter: Reporter, cancel=None) -> None:
     from .io import write_json
     labels = _parse_labels(args.labels)
     if args.output:
@@ -322,7 +325,7 @@ def pairs_from_folder(folder) -> list[tuple]:
     return [(a, b, None, None) for a in images for b in images if a != b]
 
 
-def run_finetune(args, reporter: Reporter) -> None:
+def run_finetune(args, reporter: Reporter, cancel=None) -> None:
     from . import checkpoint
     from . import train
 
@@ -337,7 +340,7 @@ def run_finetune(args, reporter: Reporter) -> None:
     pairs = pairs_from_csv(args.pairs) if args.pairs else pairs_from_folder(args.images)
     reporter.info(f"fine-tuning on {len(pairs)} pair(s) for {args.steps} steps")
     summary = train.finetune(pairs, out, steps=args.steps, weights=args.weights,
-                             device=args.device, progress=reporter, cancel=None)
+                             device=args.device, progress=reporter, cancel=cancel)
     reporter.info(f"wrote {out}")
     reporter.done(output=str(out), summary=summary)
 
@@ -369,7 +372,39 @@ def _common_options() -> argparse.ArgumentParser:
                        help="no progress bars or messages (errors are still printed)")
     group.add_argument("--debug", action="store_true",
                        help="show the full traceback of unexpected errors")
+    driven = common.add_argument_group("when another program runs liquidreg (e.g. the Slicer "
+                                       "module)")
+    driven.add_argument("--cancel-file", metavar="FILE",
+                        help="stop cleanly (exit code 130, nothing written) once FILE exists")
+    driven.add_argument("--exit-with-stdin", action="store_true",
+                        help="stop the same way when standard input closes (the program that "
+                             "started liquidreg cancelled or exited)")
     return common
+
+
+def cancel_hook(args):
+    """The engine's ``cancel`` callable for ``--cancel-file``/``--exit-with-stdin`` (None without
+    them).  Checked at every step of the work, so a driving program can stop this process even
+    through a launcher that forwards no signals (Slicer's PythonSlicer)."""
+    checks = []
+    if getattr(args, "cancel_file", None):
+        checks.append(Path(args.cancel_file).exists)
+    if getattr(args, "exit_with_stdin", False):
+        closed = threading.Event()
+
+        def watch():  # the raw descriptor: no buffer lock for interpreter shutdown to wait on
+            try:
+                while os.read(sys.stdin.fileno(), 65536):
+                    pass
+            except (AttributeError, OSError, ValueError):  # no usable stdin counts as closed
+                pass
+            closed.set()
+
+        threading.Thread(target=watch, name="liquidreg-stdin", daemon=True).start()
+        checks.append(closed.is_set)
+    if not checks:
+        return None
+    return lambda: any(check() for check in checks)
 
 
 def _device_option(parser) -> None:
@@ -536,7 +571,7 @@ def main(argv=None) -> int:
     # A terminating parent (e.g. Slicer's Cancel) gets the same clean exit as Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
     try:
-        args.run(args, reporter)
+        args.run(args, reporter, cancel_hook(args))
         return 0
     except LiquidRegError as error:
         message = _one_line(error)
@@ -546,9 +581,13 @@ def main(argv=None) -> int:
     except Exception as error:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise
-        message = _one_line(f"unexpected {type(error).__name__}: {error} (rerun with --debug for "
-                            "the traceback and please report it)")
-        code = 1
+        message = f"unexpected {type(error).__name__}: {error}"
+        if mode == "json":  # a program drives us (Slicer): it logs stderr, its user has no flags
+            traceback.print_exc(file=sys.stderr)
+            message += " (the traceback is in the log; please report it)"
+        else:
+            message += " (rerun with --debug for the traceback and please report it)"
+        message, code = _one_line(message), 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
