@@ -8,7 +8,6 @@ grids can then be checked against the truth.
 """
 from __future__ import annotations
 
-import sys
 import types
 from pathlib import Path
 
@@ -103,28 +102,20 @@ def fake_engine(monkeypatch):
     """Replace ``register.register`` / ``train.finetune`` with stand-ins recording their calls.
 
     The CLI's own work (reading, validation, writing, progress, errors) is then tested without
-    running the network.  Works whether or not the real modules exist yet.
+    running the network.  ``calls["register"]["options"]`` is the RegistrationOptions received.
     """
-    import importlib
-
-    import LiquidRegLib
+    from LiquidRegLib import register, train
+    from LiquidRegLib.options import RegistrationOptions
 
     calls = {}
 
-    def install(module_name, function_name, function):
-        full = f"LiquidRegLib.{module_name}"
-        try:
-            module = importlib.import_module(full)
-        except ImportError:
-            module = types.ModuleType(full)
-            monkeypatch.setitem(sys.modules, full, module)
-            monkeypatch.setattr(LiquidRegLib, module_name, module, raising=False)
-        monkeypatch.setattr(module, function_name, function, raising=False)
-
-    def fake_register(fixed, moving, *, progress=None, **options):
+    def fake_register(fixed, moving, options=None, *, fixed_mask=None, moving_mask=None,
+                      progress=None, cancel=None, **settings):
         from LiquidRegLib.grid import resample
         from LiquidRegLib.progress import report
-        calls["register"] = dict(fixed=fixed, moving=moving, **options)
+        calls["register"] = dict(fixed=fixed, moving=moving, fixed_mask=fixed_mask,
+                                 moving_mask=moving_mask,
+                                 options=RegistrationOptions.of(options, **settings))
         behaviour = calls.get("register_behaviour")
         for step in range(3):
             report(progress, "network", step + 1, 3, "predicting", loss=0.5 - 0.1 * step)
@@ -142,8 +133,8 @@ def fake_engine(monkeypatch):
         calls["finetune"] = dict(pairs=pairs, output=output, **options)
         return {"steps": options.get("steps")}
 
-    install("register", "register", fake_register)
-    install("train", "finetune", fake_finetune)
+    monkeypatch.setattr(register, "register", fake_register)
+    monkeypatch.setattr(train, "finetune", fake_finetune)
     return calls
 
 

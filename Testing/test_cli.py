@@ -13,6 +13,7 @@ import pytest
 
 from LiquidRegLib import io
 from LiquidRegLib.metrics import dice_per_label, hd95_per_label, jacobian_stats, surface
+from LiquidRegLib.options import RegistrationOptions
 
 from conftest import ORIENTATIONS, build_grid, rotation, world_image, world_labels
 
@@ -186,8 +187,7 @@ def test_register_writes_results_and_json_progress(run_cli, pair, fake_engine):
     assert events[-1]["event"] == "done" and events[-1]["output"] == str(out)
     assert sorted(os.listdir(out)) == sorted(set(io.RESULT_FILES.values()) - {"overview.png"})
     call = fake_engine["register"]
-    assert call["iterations"] == 5 and call["device"] == "cpu" and call["affine"] is True
-    assert call["regularisation"] == 2.5 and call["weights"] is None
+    assert call["options"] == RegistrationOptions(iterations=5, device="cpu", regularisation=2.5)
     assert call["fixed"].grid == pair["fixed"] and call["moving"].grid == pair["moving"]
 
 
@@ -211,7 +211,7 @@ def test_register_masks_and_initial_affine_are_passed(run_cli, pair, fake_engine
                            "--no-png")
     assert code == 0, err
     call = fake_engine["register"]
-    assert call["affine"] is False and np.allclose(call["initial_affine"], np.eye(4))
+    assert call["options"] == RegistrationOptions(affine=False, initial_affine=np.eye(4))
     assert np.array_equal(call["fixed_mask"].array, mask) and call["moving_mask"] is None
 
 

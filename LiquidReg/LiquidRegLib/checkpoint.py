@@ -80,9 +80,10 @@ def load(path, kind: str) -> tuple[dict, str]:
     return content, digest
 
 
-def save_weights(path, model: LiquidReg, meta: dict | None = None) -> str:
+def save_weights(path, model: LiquidReg, meta: dict | None = None, *, name: str = MODEL_NAME,
+                 version: str = MODEL_VERSION) -> str:
     """Save inference weights (config + state dict + free-form metadata such as the recipe)."""
-    return save(path, {"name": MODEL_NAME, "version": MODEL_VERSION,
+    return save(path, {"name": name, "version": version,
                        "config": model.config.to_dict(), "state_dict": model.state_dict(),
                        "meta": dict(meta or {})}, kind="weights")
 
@@ -101,3 +102,13 @@ def load_model(weights=None, device="cpu") -> tuple[LiquidReg, dict]:
     info = {"name": content.get("name", MODEL_NAME), "version": content.get("version", "?"),
             "sha256": digest, "path": str(path), "meta": content.get("meta", {})}
     return model, info
+
+
+def model_summary(info: dict) -> dict:
+    """How summary.json names the weights a registration used (and, for fine-tuned weights, the
+    weights they were made from)."""
+    summary = {k: info[k] for k in ("name", "version", "sha256", "path")}
+    origin = (info.get("meta") or {}).get("finetuned_from")
+    if origin:
+        summary["finetuned_from"] = origin
+    return summary

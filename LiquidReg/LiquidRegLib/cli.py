@@ -20,6 +20,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, LiquidRegError
+from .options import ACCURATE_ITERATIONS, DEFAULT_REGULARISATION, MODES, RegistrationOptions
 from .progress import ProgressEvent, check
 
 PROG = "liquidreg"
@@ -121,9 +122,37 @@ def _check_output_file(out: Path, what: str) -> None:
 
 
 # ---- register --------------------------------------------------------------------------------
+def registration_options(args) -> RegistrationOptions:
+    """The register command's options as the engine takes them (the inverse of
+    :func:`option_arguments`)."""
+    from .io import read_affine
+    initial = read_affine(args.initial_affine) if args.initial_affine else None
+    return RegistrationOptions(mode=args.mode, iterations=args.iterations,
+                               regularisation=args.regularisation, affine=not args.no_affine,
+                               initial_affine=initial, weights=args.weights, device=args.device)
+
+
+def option_arguments(options: RegistrationOptions) -> list[str]:
+    """``liquidreg register`` arguments that give ``options`` (defaults left out).  A matrix
+    cannot travel on a command line: an initial affine goes in a file (``--initial-affine``)."""
+    if options.initial_affine is not None:
+        raise ValueError("write the initial affine to a file and pass --initial-affine FILE")
+    defaults = RegistrationOptions()
+    arguments = ["--mode", options.mode, "--device", options.device]
+    if options.iterations is not None:
+        arguments += ["--iterations", str(options.iterations)]
+    if options.regularisation != defaults.regularisation:
+        arguments += ["--regularisation", repr(options.regularisation)]
+    if not options.affine:
+        arguments.append("--no-affine")
+    if options.weights is not None:
+        arguments += ["--weights", str(options.weights)]
+    return arguments
+
+
 def run_register(args, reporter: Reporter, cancel=None) -> None:
     from . import register as registration
-    from .io import read_affine, read_volume, save_result
+    from .io import read_volume, save_result
     from .validate import check_overlap
 
     if (args.fixed is None) != (args.moving is None):
@@ -131,24 +160,19 @@ def run_register(args, reporter: Reporter, cancel=None) -> None:
                          "pair)")
     fixed_path, moving_path = ((args.fixed, args.moving) if args.fixed is not None
                                else _sample_pair())
-    if args.regularisation is not None and not (np.isfinite(args.regularisation)
-                                                and args.regularisation >= 0):
-        raise InputError(f"--regularisation must be a number >= 0, not {args.regularisation}; "
-                         "e.g. --regularisation 2 for a smoother warp")
+    options = registration_options(args)
     out = Path(args.output)
     _check_output_dir(out)
     fixed = read_volume(fixed_path, name="fixed image")
     moving = read_volume(moving_path, name="moving image")
     masks = {role: read_volume(path, name=f"{role} mask", dtype=None)
              for role, path in (("fixed", args.fixed_mask), ("moving", args.moving_mask)) if path}
-    initial = read_affine(args.initial_affine) if args.initial_affine else None
-    if args.no_affine or initial is not None:  # fail before loading the network
-        check_overlap(fixed, moving, initial)
+    if not options.affine or options.initial_affine is not None:  # fail before loading the network
+        check_overlap(fixed, moving, options.initial_affine)
     # register() validates images and masks itself (for every caller: CLI, Slicer, scripts).
-    result = registration.register(
-        fixed, moving, iterations=args.iterations, device=args.device, affine=not args.no_affine,
-        initial_affine=initial, fixed_mask=masks.get("fixed"), moving_mask=masks.get("moving"),
-        weights=args.weights, regularisation=args.regularisation, progress=reporter, cancel=cancel)
+    result = registration.register(fixed, moving, options, fixed_mask=masks.get("fixed"),
+                                   moving_mask=masks.get("moving"), progress=reporter,
+                                   cancel=cancel)
     check(cancel)
     paths = save_result(result, out, png=not args.no_png, fixed=fixed, moving=moving,
                         progress=reporter)
@@ -418,8 +442,8 @@ REGISTER_EXAMPLES = """examples:
       displacement field), inverse_warp.nii.gz, jacobian.nii.gz, summary.json, overview.png
   liquidreg register -o demo/
       register the bundled sample pair (two real brains)
-  liquidreg register fixed.nrrd moving.nrrd -o out/ --iterations 50 --fixed-mask brain.nrrd
-      refine the network's answer with 50 optimisation steps inside a brain mask
+  liquidreg register fixed.nrrd moving.nrrd -o out/ --mode accurate --fixed-mask brain.nrrd
+      refine the network's answer on this pair, inside a brain mask
   liquidreg register fixed.nii.gz moving.nii.gz -o out/ --no-affine --initial-affine rigid.txt
       images already roughly aligned by another tool (4x4 RAS text or ITK .txt/.mat)
 
@@ -483,10 +507,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output folder (created if needed; existing unrelated files are kept)")
     _device_option(p)
-    p.add_argument("--iterations", type=int, default=0, metavar="N",
-                   help="instance-optimisation steps after the network (0 = network only, fastest)")
-    p.add_argument("--regularisation", type=float, metavar="W",
-                   help="smoothness weight for --iterations (higher = smoother; default 1.0)")
+    p.add_argument("--mode", choices=MODES, default="fast",
+                   help="fast: the network alone (seconds); accurate: the network, then "
+                        f"{ACCURATE_ITERATIONS} optimisation steps on this pair")
+    p.add_argument("--iterations", type=int, metavar="N",
+                   help="for experts: this many optimisation steps instead of the mode's "
+                        "(0 = network only)")
+    p.add_argument("--regularisation", type=float, default=DEFAULT_REGULARISATION, metavar="W",
+                   help="smoothness weight of the optimisation steps (higher = smoother)")
     p.add_argument("--no-affine", action="store_true",
                    help="skip the affine pre-alignment (images already aligned)")
     p.add_argument("--initial-affine", metavar="MAT",

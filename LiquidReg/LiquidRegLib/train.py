@@ -358,7 +358,8 @@ def finetune(pairs: Sequence, output, *, steps: int = 200, weights=None, device=
     meta = {"finetuned_from": {k: info[k] for k in ("name", "version", "sha256")},
             "pairs": [[str(p) if p else None for p in spec] for spec in pairs],
             "train_config": config.to_dict(), "skipped_steps": state.skipped}
-    digest = checkpoint.save_weights(output, model, meta)
+    digest = checkpoint.save_weights(output, model, meta, name=f"{info['name']}-finetuned",
+                                     version=info["version"])
     return {"output": str(output), "sha256": digest, "steps": state.step,
             "skipped": state.skipped, "clipped": state.clipped,
             "final_loss": state.history[-1][1] if state.history else None}
@@ -370,13 +371,14 @@ INSTANCE_LR = 0.05
 
 
 def instance_optimise(velocity: torch.Tensor, pair, iterations: int, *,
-                      squarings: int = diffeo.MIN_SQUARINGS, smoothness: float = 1.0,
+                      squarings: int = diffeo.MIN_SQUARINGS, regularisation: float = 1.0,
                       lr: float = INSTANCE_LR, device="cpu", progress=None, cancel=None):
-    """Refine one pair's velocity field for ``iterations`` steps of the stabilised loop (LNCC)."""
+    """Refine one pair's velocity field for ``iterations`` steps of the stabilised loop (LNCC);
+    ``regularisation`` weighs the diffusion (smoothness) term."""
     trainable = InstanceVelocity(velocity, squarings)
     batch = {"fixed": pair.fixed, "moving": pair.moving, "fixed_mask": pair.fixed_mask}
     config = TrainConfig(steps=iterations, lr=lr, checkpoint_every=0, lncc_window=7,
-                         weights=LossWeights(similarity=1.0, dice=0.0, smoothness=smoothness,
+                         weights=LossWeights(similarity=1.0, dice=0.0, smoothness=regularisation,
                                              folding=10.0))
     state = run(trainable, lambda step: batch, config, device=device, progress=progress,
                 cancel=cancel, stage="instance")
