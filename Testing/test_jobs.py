@@ -3,7 +3,7 @@
 Inside Slicer the worker is started through ``PythonSlicer``, a launcher that forwards no signals.
 ``helpers/launcher.py`` behaves the same way, so these tests show that Cancel reaches the real
 worker through such a launcher, and that a cancelled job never yields a result.  The worker is the
-real ``liquidreg`` command with a stand-in registration (``helpers/slow_engine.py``); the real
+real ``liquidreg`` command with a stand-in registration (``helpers/engine_stand_in.py``); the real
 engine is cancelled the same way in ``slicer_tests.test_cancel_stops_the_command``.
 """
 import json
@@ -23,7 +23,7 @@ from LiquidRegLib.grid import Grid
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 LAUNCHER = HELPERS / "launcher.py"
-SLOW_ENGINE = HELPERS / "slow_engine.py"
+ENGINE = HELPERS / "engine_stand_in.py"
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="process groups and pids: POSIX checks")
 
 
@@ -63,9 +63,9 @@ def images(tmp_path):
 def _register_job(tmp_path, images, *, stdin=True, kill_after_s=30.0, env=None):
     """A cancellable ``liquidreg register`` job started through the launcher stand-in."""
     pidfile, cancel_file = tmp_path / "worker.pid", tmp_path / "job.cancel"
-    python = [sys.executable, LAUNCHER, pidfile, sys.executable, SLOW_ENGINE]
-    command = jobs.liquidreg_command(["register", *images, "-o", tmp_path / "out",
-                                      "--progress", "json"], cancel_file, python=python)
+    python = [sys.executable, LAUNCHER, pidfile, sys.executable, ENGINE]
+    command = jobs.liquidreg_command(["register", *images, "-o", tmp_path / "out"], cancel_file,
+                                     python=python)
     if not stdin:
         command.remove("--exit-with-stdin")
     job = jobs.Job(command, cancel_file=cancel_file, kill_after_s=kill_after_s, env=env)
@@ -108,7 +108,7 @@ def test_cancel_reaches_the_worker_through_the_launcher(tmp_path, images, channe
 
 
 def test_a_worker_that_ignores_cancel_is_killed_with_its_launcher(tmp_path, images):
-    env = {**jobs.job_environment(), "SLOW_ENGINE_IGNORES_CANCEL": "1"}
+    env = {**jobs.job_environment(), "STAND_IN_ENGINE": "stuck"}
     job, pidfile = _register_job(tmp_path, images, kill_after_s=0.5, env=env)
     worker = _worker_pid(pidfile)
     _wait_for(lambda: job.poll() or job.events)

@@ -55,10 +55,10 @@ def python_command() -> list[str]:
 
 
 def liquidreg_command(arguments, cancel_file, python=None) -> list[str]:
-    """The full command line of a cancellable ``liquidreg`` job (``python``: the interpreter
-    command, default :func:`python_command`)."""
+    """The full command line of a cancellable ``liquidreg`` job that reports JSON progress
+    (``python``: the interpreter command, default :func:`python_command`)."""
     return [*(python or python_command()), "-m", "LiquidRegLib.cli", *map(str, arguments),
-            "--cancel-file", str(cancel_file), "--exit-with-stdin"]
+            "--progress", "json", "--cancel-file", str(cancel_file), "--exit-with-stdin"]
 
 
 def job_environment() -> dict:
