@@ -87,7 +87,7 @@ device="auto")</code> returns the transform, Jacobian and warped volume nodes.</
 LiquidReg uses PyTorch through the SlicerPyTorch extension (Fernando Perez-Garcia, Andras Lasso)
 and follows the conventions of 3D Slicer's registration modules. The sample pair is derived from
 the MNI ICBM152 2009a template and FreeSurfer's fsaverage; their terms are in
-Resources/Sample/LICENSES of the extension.
+LiquidRegLib/resources/sample/LICENSES of the extension.
 """)
         slicer.app.connect("startupCompleted()", registerSampleData)
 
@@ -96,7 +96,7 @@ def registerSampleData():
     """Offer the bundled pair in the Sample Data module (local files, copied into its cache)."""
     import SampleData
 
-    from LiquidRegLib.data.sample import sample_paths
+    from LiquidRegLib.resources import sample_paths
 
     paths = sample_paths()
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
@@ -689,7 +689,7 @@ class LiquidRegTest(ScriptedLoadableModuleTest):
     def test_PanelRegistersCancelsAndRegistersAgain(self):
         """Register (Fast), Cancel, Register again (Accurate): the same output nodes are updated
         and the moving volume keeps its own pre-alignment."""
-        from LiquidRegLib.data.sample import sample_paths
+        from LiquidRegLib.resources import sample_paths
 
         paths = sample_paths()
         fixed = slicer.util.loadVolume(str(paths["fixed_t1"]))

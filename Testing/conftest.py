@@ -9,7 +9,6 @@ grids can then be checked against the truth.
 from __future__ import annotations
 
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +70,13 @@ def world_image(grid: Grid, center_ras=None) -> np.ndarray:
                           .reshape(*grid.shape, 3) - center, -1, 0)
     blob = np.exp(-(x ** 2 / 300 + y ** 2 / 200 + z ** 2 / 250))
     return (100 * blob + 20 * np.sin(x / 4.0) + 10 * np.cos(y / 5.0 + z / 7.0) + 40).astype(np.float32)
+
+
+def smooth_field(grid: Grid) -> np.ndarray:
+    """A smooth float32 displacement field (RAS mm, a few mm) defined in world space."""
+    x, y, z = np.moveaxis(grid.voxel_to_ras(np.indices(grid.shape).reshape(3, -1).T)
+                          .reshape(*grid.shape, 3), -1, 0)
+    return np.stack([2 * np.sin(y / 9), -1.5 * np.cos(z / 7), 1.0 + 0 * x], -1).astype(np.float32)
 
 
 def world_labels(grid: Grid, center_ras, radius: float) -> np.ndarray:
@@ -138,17 +144,15 @@ def fake_engine(monkeypatch):
     return calls
 
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Sample"
-
-
 def small_brain(kind: str, extent_mm=(112, 128, 112), spacing=2.0):
     """The bundled sample's ``kind`` ("fixed"/"moving") T1 and labels, cropped around the brain
     centre and resampled at ``spacing`` mm: a real brain small enough for fast engine tests."""
     from LiquidRegLib import io
     from LiquidRegLib.grid import resample
+    from LiquidRegLib.resources import sample_paths
 
-    t1 = io.read_volume(SAMPLE_DIR / f"{kind}_t1.nii.gz")
-    labels = io.read_volume(SAMPLE_DIR / f"{kind}_labels.nii.gz", dtype=None)
+    t1 = io.read_volume(sample_paths()[f"{kind}_t1"])
+    labels = io.read_volume(sample_paths()[f"{kind}_labels"], dtype=None)
     centre = t1.grid.voxel_to_ras(np.argwhere(labels.array > 0).mean(axis=0))
     shape = tuple(int(round(e / spacing)) for e in extent_mm)
     affine = np.diag([spacing, spacing, spacing, 1.0])

@@ -109,7 +109,7 @@ def main() -> None:
     import slicer
 
     from LiquidRegLib import logic
-    from LiquidRegLib.data.sample import sample_paths
+    from LiquidRegLib.resources import sample_paths
 
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import signal
 import sys
@@ -45,8 +44,8 @@ class Reporter:
             self._update_bar(event)
 
     def _emit(self, content: dict) -> None:
-        from .io import to_jsonable
-        sys.stdout.write(json.dumps(content, default=to_jsonable) + "\n")
+        from .io import to_json
+        sys.stdout.write(to_json(content) + "\n")
         sys.stdout.flush()
 
     def _update_bar(self, event: ProgressEvent) -> None:
@@ -91,34 +90,21 @@ class Reporter:
 # ---- shared helpers --------------------------------------------------------------------------
 def _sample_pair() -> tuple[Path, Path]:
     """The bundled sample pair, used when FIXED and MOVING are omitted."""
-    try:
-        from .data.sample import sample_paths
-        paths = sample_paths()
-        fixed, moving = paths["fixed_t1"], paths["moving_t1"]
-    except (ImportError, KeyError):
-        fixed = moving = None
-    if fixed is None or not fixed.is_file() or not moving.is_file():
-        raise InputError("no FIXED and MOVING images were given and the bundled sample pair is not "
-                         "installed; pass FIXED and MOVING image files")
+    from .resources import sample_paths
+    paths = sample_paths()
+    fixed, moving = paths["fixed_t1"], paths["moving_t1"]
+    if not fixed.is_file() or not moving.is_file():
+        raise InputError("no FIXED and MOVING images were given and the bundled sample pair is "
+                         "missing from this installation; pass FIXED and MOVING image files")
     return fixed, moving
 
 
-def _check_output_dir(out: Path) -> None:
-    """Fail before the long computation if the output folder cannot be made."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output '{out}' is an existing file; pass a folder for the results")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK):
-        raise InputError(f"cannot write into '{existing}' (permission denied); choose another "
-                         "output folder with -o")
-
-
 def _check_output_file(out: Path, what: str) -> None:
+    """Fail before the long computation if the output file cannot be written."""
+    from .io import check_writable
     if out.is_dir():
         raise InputError(f"output '{out}' is a folder; pass a file name for the {what}")
-    _check_output_dir(out.parent)
+    check_writable(out)
 
 
 # ---- register --------------------------------------------------------------------------------
@@ -152,7 +138,8 @@ def option_arguments(options: RegistrationOptions) -> list[str]:
 
 def run_register(args, reporter: Reporter, cancel=None) -> None:
     from . import register as registration
-    from .io import read_volume, save_result
+    from .io import read_volume
+    from .results import check_output_folder, save_result
     from .validate import check_overlap
 
     if (args.fixed is None) != (args.moving is None):
@@ -161,8 +148,7 @@ def run_register(args, reporter: Reporter, cancel=None) -> None:
     fixed_path, moving_path = ((args.fixed, args.moving) if args.fixed is not None
                                else _sample_pair())
     options = registration_options(args)
-    out = Path(args.output)
-    _check_output_dir(out)
+    out = check_output_folder(args.output, overwrite=args.overwrite)  # before any work
     fixed = read_volume(fixed_path, name="fixed image")
     moving = read_volume(moving_path, name="moving image")
     masks = {role: read_volume(path, name=f"{role} mask", dtype=None)
@@ -174,8 +160,8 @@ def run_register(args, reporter: Reporter, cancel=None) -> None:
                                    moving_mask=masks.get("moving"), progress=reporter,
                                    cancel=cancel)
     check(cancel)
-    paths = save_result(result, out, png=not args.no_png, fixed=fixed, moving=moving,
-                        progress=reporter)
+    paths = save_result(result, out, overwrite=args.overwrite, png=not args.no_png, fixed=fixed,
+                        moving=moving, progress=reporter)
     summary = getattr(result, "summary", None) or {}
     reporter.info(f"results written to {out}/: " + ", ".join(p.name for p in paths.values()))
     if isinstance(summary.get("pct_folding"), (int, float)):
@@ -350,21 +336,16 @@ def pairs_from_folder(folder) -> list[tuple]:
 
 
 def run_finetune(args, reporter: Reporter, cancel=None) -> None:
-    from . import checkpoint
     from . import train
+    from .resources import check_new_weights_path
 
-    out = Path(args.output)
-    if out.resolve() == Path(checkpoint.DEFAULT_WEIGHTS).resolve():
-        raise InputError(f"refusing to overwrite the shipped weights '{out}'; pass another output "
-                         "file, e.g. -o my_weights.pt")
-    if out.exists() and not args.overwrite:
-        raise InputError(f"output '{out}' already exists; choose a new file name or add "
-                         "--overwrite")
+    out = check_new_weights_path(args.output, overwrite=args.overwrite)  # before any work
     _check_output_file(out, "weights")
     pairs = pairs_from_csv(args.pairs) if args.pairs else pairs_from_folder(args.images)
     reporter.info(f"fine-tuning on {len(pairs)} pair(s) for {args.steps} steps")
     summary = train.finetune(pairs, out, steps=args.steps, weights=args.weights,
-                             device=args.device, progress=reporter, cancel=cancel)
+                             device=args.device, overwrite=args.overwrite, progress=reporter,
+                             cancel=cancel)
     reporter.info(f"wrote {out}")
     reporter.done(output=str(out), summary=summary)
 
@@ -505,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "FIXED and MOVING to use the bundled sample pair")
     p.add_argument("moving", nargs="?", metavar="MOVING", help="moving image, deformed onto FIXED")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output folder (created if needed; existing unrelated files are kept)")
+                   help="output folder: new or empty (created if needed)")
     _device_option(p)
     p.add_argument("--mode", choices=MODES, default="fast",
                    help="fast: the network alone (seconds); accurate: the network, then "
@@ -524,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving-mask", metavar="M", help="mask of the region of MOVING to align")
     p.add_argument("--weights", metavar="W", help="network weights (default: the shipped ones)")
     p.add_argument("--no-png", action="store_true", help="do not render overview.png")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the previous result in OUT (as a whole; a folder holding other "
+                        "files is never replaced)")
     p.set_defaults(run=run_register)
 
     p = commands.add_parser(

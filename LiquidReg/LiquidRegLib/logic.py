@@ -36,8 +36,10 @@ from . import validate
 from .cli import option_arguments
 from .errors import InputError
 from .grid import GeometryError, Grid
-from .io import RESULT_FILES, Volume, read_displacement, read_volume, write_volume
+from .io import Volume, read_displacement, read_volume, write_volume
 from .options import RegistrationOptions
+from .results import RESULT_FILES
+from .resources import check_new_weights_path  # noqa: F401  (the panel's fine-tune output)
 
 DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 JACOBIAN_COLOR_NODE_NAME = "LiquidReg Jacobian"
@@ -455,26 +457,6 @@ def register_arguments(input_arguments, out_dir, options: RegistrationOptions,
     ``overview=False`` (no overview PNG, which it never reads)."""
     return ["register", *input_arguments, "-o", str(out_dir), *option_arguments(options),
             *([] if overview else ["--no-png"])]
-
-
-def check_new_weights_path(path) -> Path:
-    """Where fine-tuned weights may go: a new .pt file, never the shipped weights' folder."""
-    from .checkpoint import DEFAULT_WEIGHTS
-
-    if not str(path or "").strip():
-        raise InputError("no file is chosen for the fine-tuned weights; choose a new .pt file name")
-    path = Path(path).expanduser()
-    if path.suffix != ".pt":
-        raise InputError(f"fine-tuned weights '{path.name}' need the .pt extension; choose a name "
-                         "ending in .pt")
-    shipped = DEFAULT_WEIGHTS.parent.resolve()
-    if path.resolve().parent == shipped:
-        raise InputError(f"'{path}' is in the folder of the shipped weights, which are never "
-                         "changed; choose another folder for the fine-tuned weights")
-    if path.exists():
-        raise InputError(f"'{path}' already exists; choose a new file name so no weights are "
-                         "overwritten")
-    return path
 
 
 def default_weights_path(folder) -> Path:
