@@ -553,7 +553,7 @@ class LiquidRegLogic(ScriptedLoadableModuleLogic):
             inputs = mrml.read_request(request)
             arguments = mrml.register_arguments(
                 mrml.write_cli_inputs(inputs, folder / "inputs"), folder / "result", options,
-                overview=False)
+                panel=True)
             self._run(arguments, _Task("register", p, folder, request, inputs.preAlignmentNode))
 
     def startFinetune(self, parameterNode) -> None:

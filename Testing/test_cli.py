@@ -226,6 +226,19 @@ def test_ctrl_c_exits_130_without_output(run_cli, pair, fake_engine):
     assert not out.exists()
 
 
+def test_no_inverse_skips_the_inverse_warp(run_cli, pair, fake_engine):
+    """The Slicer panel asks for --no-png --no-inverse: the engine skips the inverse and no
+    inverse_warp.nii.gz is written; by default both are there."""
+    for flags, inverse in (((), True), (("--no-inverse",), False)):
+        out = pair["folder"] / f"out{inverse}"
+        code, _, err = run_cli("register", pair["paths"]["fixed"], pair["paths"]["moving"],
+                               "-o", out, "--no-png", "-q", *flags)
+        assert code == 0, err
+        assert fake_engine["register"]["inverse"] is inverse
+        assert (out / "inverse_warp.nii.gz").exists() is inverse
+        assert (out / "warp.nii.gz").exists() and (out / "summary.json").exists()
+
+
 def test_cancel_file_stops_register_before_anything_is_written(run_cli, pair, fake_engine):
     """The cancel hook (``--cancel-file``) is honoured even after the last engine step."""
     cancel = pair["folder"] / "job.cancel"

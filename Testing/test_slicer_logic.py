@@ -18,7 +18,7 @@ import pytest
 slicer = pytest.importorskip("slicer")  # the slicer-core wheel
 
 from helpers import slicer_app  # noqa: E402
-from LiquidRegLib import jobs, logic, slicer_tests  # noqa: E402
+from LiquidRegLib import jobs, slicer_tests  # noqa: E402
 from LiquidRegLib.errors import InputError  # noqa: E402
 from LiquidRegLib.options import ACCURATE_ITERATIONS  # noqa: E402
 
@@ -439,19 +439,19 @@ def panel(module, tmp_path, monkeypatch):
     stand-in engine, which records the options each run received."""
     monkeypatch.setenv("STAND_IN_ENGINE", "instant")
     monkeypatch.setenv("STAND_IN_RECORD", str(tmp_path / "runs.jsonl"))
-    logic = module.LiquidRegLogic()
-    logic.python = [sys.executable, LAUNCHER, tmp_path / "worker.pid", sys.executable, ENGINE]
-    logic.runs = lambda: [json.loads(line) for line in
+    panel = module.LiquidRegLogic()
+    panel.python = [sys.executable, LAUNCHER, tmp_path / "worker.pid", sys.executable, ENGINE]
+    panel.runs = lambda: [json.loads(line) for line in
                           (tmp_path / "runs.jsonl").read_text().splitlines()]
-    yield logic
-    if logic.job is not None:
-        logic.cancel()
-        logic.job.wait(timeout=60)
+    yield panel
+    if panel.job is not None:
+        panel.cancel()
+        panel.job.wait(timeout=60)
 
 
-def _finish(logic, timeout=60):
-    logic.job.wait(timeout=timeout)
-    return logic.finishJob()
+def _finish(panel, timeout=60):
+    panel.job.wait(timeout=timeout)
+    return panel.finishJob()
 
 
 def test_panel_registers_twice_into_the_same_nodes(module, scene, panel):
@@ -467,7 +467,7 @@ def test_panel_registers_twice_into_the_same_nodes(module, scene, panel):
     p = slicer_app.parameters(module, fixedVolume=fixed, movingVolume=moving)
 
     panel.startRegistration(p)
-    assert "--no-png" in panel.job.command
+    assert {"--no-png", "--no-inverse"} <= set(panel.job.command)  # files the panel never reads
     assert _finish(panel)[0] == "done"
     first = (p.outputTransform, p.outputJacobian, p.outputWarped)
     assert None not in first and moving.GetParentTransformNode() is p.outputTransform
@@ -483,6 +483,7 @@ def test_panel_registers_twice_into_the_same_nodes(module, scene, panel):
     assert np.allclose(field[..., 0], 1 + ACCURATE_ITERATIONS / 100), "not updated in place"
     runs = panel.runs()
     assert [run["steps"] for run in runs] == [0, ACCURATE_ITERATIONS]
+    assert not any(run["inverse"] for run in runs)
     for run in runs:
         assert np.allclose(run["initial_affine"], np.linalg.inv(matrix)), run
 

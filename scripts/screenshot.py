@@ -75,7 +75,7 @@ def colour_bar(colour_node, window: float, level: float, height: int) -> np.ndar
     return np.repeat(np.round(np.array(rows) * 255).astype(np.uint8)[:, None], 18, axis=1)
 
 
-def compose(panels, titles, caption, bar, bar_labels) -> "Image":
+def compose(panels, titles, caption, bar, bar_labels):
     """Panels side by side with titles, a colour bar and a caption."""
     from PIL import Image, ImageDraw, ImageFont
 

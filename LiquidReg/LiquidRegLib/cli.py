@@ -158,7 +158,7 @@ def run_register(args, reporter: Reporter, cancel=None) -> None:
     # register() validates images and masks itself (for every caller: CLI, Slicer, scripts).
     result = registration.register(fixed, moving, options, fixed_mask=masks.get("fixed"),
                                    moving_mask=masks.get("moving"), progress=reporter,
-                                   cancel=cancel)
+                                   cancel=cancel, inverse=not args.no_inverse)
     check(cancel)
     paths = save_result(result, out, overwrite=args.overwrite, png=not args.no_png, fixed=fixed,
                         moving=moving, progress=reporter)
@@ -505,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving-mask", metavar="M", help="mask of the region of MOVING to align")
     p.add_argument("--weights", metavar="W", help="network weights (default: the shipped ones)")
     p.add_argument("--no-png", action="store_true", help="do not render overview.png")
+    p.add_argument("--no-inverse", action="store_true",
+                   help="do not compute or write inverse_warp.nii.gz (faster)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the previous result in OUT (as a whole; a folder holding other "
                         "files is never replaced)")

@@ -452,11 +452,11 @@ def write_cli_inputs(inputs: RegistrationInputs, folder) -> list[str]:
 
 
 def register_arguments(input_arguments, out_dir, options: RegistrationOptions,
-                       overview: bool = True) -> list[str]:
-    """The full ``liquidreg register`` command line for the background process; the panel passes
-    ``overview=False`` (no overview PNG, which it never reads)."""
+                       panel: bool = False) -> list[str]:
+    """The full ``liquidreg register`` command line for the background process; ``panel``: only
+    the files the panel reads (no overview PNG, no inverse warp)."""
     return ["register", *input_arguments, "-o", str(out_dir), *option_arguments(options),
-            *([] if overview else ["--no-png"])]
+            *(["--no-png", "--no-inverse"] if panel else [])]
 
 
 def default_weights_path(folder) -> Path:

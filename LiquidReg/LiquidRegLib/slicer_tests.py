@@ -592,7 +592,7 @@ def test_slicer_paths_match_command_line(workdir, weights=None):
     inputs = logic.read_request(mine)
     arguments = logic.register_arguments(
         logic.write_cli_inputs(inputs, workdir / "panel"), workdir / "panel" / "result",
-        RegistrationOptions(device="cpu", affine=False, weights=weights), overview=False)
+        RegistrationOptions(device="cpu", affine=False, weights=weights), panel=True)
     _run_cli(workdir, arguments)
     panel = logic.load_cli_result(mine, workdir / "panel" / "result")
     assert panel.transformNode is mine.transformNode

@@ -25,13 +25,14 @@ BEHAVIOUR = os.environ.get("STAND_IN_ENGINE", "slow")
 
 
 def register(fixed, moving, options=None, *, fixed_mask=None, moving_mask=None, progress=None,
-             cancel=None, **settings):
+             cancel=None, inverse=True, **settings):
     from LiquidRegLib.options import RegistrationOptions
 
     options = RegistrationOptions.of(options, **settings)
     if BEHAVIOUR == "instant":
         record = {"steps": options.steps, "mode": options.mode, "device": options.device,
                   "affine": options.affine, "weights": options.weights and str(options.weights),
+                  "inverse": inverse,
                   "initial_affine": None if options.initial_affine is None
                   else options.initial_affine.tolist()}
         with open(os.environ["STAND_IN_RECORD"], "a") as f:
@@ -41,7 +42,7 @@ def register(fixed, moving, options=None, *, fixed_mask=None, moving_mask=None, 
         shift[..., 0] = 1.0 + options.steps / 100
         return types.SimpleNamespace(
             fixed_grid=fixed.grid, moving_grid=moving.grid, displacement=shift,
-            inverse_displacement=np.zeros((*moving.grid.shape, 3), np.float32),
+            inverse_displacement=np.zeros((*moving.grid.shape, 3), np.float32) if inverse else None,
             jacobian=np.ones(fixed.grid.shape, np.float32),
             warped=np.zeros(fixed.grid.shape, np.float32), affine=np.eye(4),
             summary={"device": "cpu", "pct_folding": 0.0, "steps": options.steps})
