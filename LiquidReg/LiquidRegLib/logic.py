@@ -253,7 +253,8 @@ class RegistrationInputs:
     fixedMask: Volume | None
     movingMask: Volume | None
     initialAffine: np.ndarray | None
-    preAlignmentNode: object = None  # the linear transform the initial affine came from
+    preAlignmentNode: object = None  # the user's linear transform the initial affine came from
+    #                                  (kept even while it is the identity: the user may edit it)
 
 
 def _name(node) -> str:
@@ -354,8 +355,7 @@ def read_request(request: RegistrationRequest) -> RegistrationInputs:
         moving_mask = volume_from_node(mask_node, "moving mask", labels=True,
                                        node_to_frame=world_to_moving @ mask_to_world)
     initial = None if np.allclose(world_to_moving, np.eye(4)) else world_to_moving
-    return RegistrationInputs(fixed, moving, fixed_mask, moving_mask, initial,
-                              pre_alignment if initial is not None else None)
+    return RegistrationInputs(fixed, moving, fixed_mask, moving_mask, initial, pre_alignment)
 
 
 def _output_volume(scene, node, base_name: str):

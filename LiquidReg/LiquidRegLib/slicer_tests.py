@@ -330,7 +330,13 @@ def test_register_again_starts_from_the_pre_alignment(workdir):
     assert transform.GetNodeReference(logic.PRE_ALIGNMENT_ROLE) is prealign
     assert scene.GetNodeByID(prealign.GetID()) is prealign
 
-    # The pre-alignment is the user's node: an edit of it is what the next run starts from.
+    # The pre-alignment is the user's node, remembered even while it is the identity, and an
+    # edit of it is what the next run starts from.
+    identity = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "not moved yet")
+    third = add_volume(voxels.transpose(2, 1, 0), ijk_to_ras(moving), "a third moving")
+    third.SetAndObserveTransformNodeID(identity.GetID())
+    inputs = logic.read_request(logic.RegistrationRequest(fixed, third))
+    assert inputs.initialAffine is None and inputs.preAlignmentNode is identity
     p[:3, 3] = (0.0, 5.0, 0.0)
     prealign.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(p))
     assert np.allclose(logic.read_request(again["script"]).initialAffine, np.linalg.inv(p))
@@ -339,7 +345,6 @@ def test_register_again_starts_from_the_pre_alignment(workdir):
     # transform is never chosen as an output to overwrite.
     other = add_volume(voxels.transpose(2, 1, 0), ijk_to_ras(moving), "another moving")
     other.SetAndObserveTransformNodeID(transform.GetID())
-    third = add_volume(voxels.transpose(2, 1, 0), ijk_to_ras(moving), "a third moving")
     third.SetAndObserveTransformNodeID(prealign.GetID())
     for request, expected in ((logic.RegistrationRequest(fixed, other), "harden"),
                               (logic.RegistrationRequest(fixed, third, transformNode=prealign),
