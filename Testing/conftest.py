@@ -138,11 +138,11 @@ def fake_engine(monkeypatch):
     calls = {}
 
     def fake_register(fixed, moving, options=None, *, fixed_mask=None, moving_mask=None,
-                      progress=None, cancel=None, **settings):
+                      progress=None, cancel=None, inverse=True, **settings):
         from LiquidRegLib.grid import resample
         from LiquidRegLib.progress import report
         calls["register"] = dict(fixed=fixed, moving=moving, fixed_mask=fixed_mask,
-                                 moving_mask=moving_mask,
+                                 moving_mask=moving_mask, inverse=inverse,
                                  options=RegistrationOptions.of(options, **settings))
         behaviour = calls.get("register_behaviour")
         for step in range(3):
@@ -153,7 +153,7 @@ def fake_engine(monkeypatch):
         warped = resample(moving.array, moving.grid, fixed.grid)
         return types.SimpleNamespace(
             fixed_grid=fixed.grid, moving_grid=moving.grid, displacement=shift,
-            inverse_displacement=np.zeros((*moving.grid.shape, 3), np.float32),
+            inverse_displacement=np.zeros((*moving.grid.shape, 3), np.float32) if inverse else None,
             jacobian=np.ones(fixed.grid.shape, np.float32), warped=warped, affine=np.eye(4),
             summary={"device": "cpu", "pct_folding": 0.0})
 

@@ -235,6 +235,48 @@ def test_ctrl_c_exits_130_without_output(run_cli, pair, fake_engine):
     assert not out.exists()
 
 
+def test_no_inverse_skips_the_inverse_warp(run_cli, pair, fake_engine):
+    """The Slicer panel asks for --no-png --no-inverse: the engine skips the inverse and no
+    inverse_warp.nii.gz is written; by default both are there."""
+    for flags, inverse in (((), True), (("--no-inverse",), False)):
+        out = pair["folder"] / f"out{inverse}"
+        code, _, err = run_cli("register", pair["paths"]["fixed"], pair["paths"]["moving"],
+                               "-o", out, "--no-png", "-q", *flags)
+        assert code == 0, err
+        assert fake_engine["register"]["inverse"] is inverse
+        assert (out / "inverse_warp.nii.gz").exists() is inverse
+        assert (out / "warp.nii.gz").exists() and (out / "summary.json").exists()
+
+
+def test_cancel_file_stops_register_before_anything_is_written(run_cli, pair, fake_engine):
+    """The cancel hook (``--cancel-file``) is honoured even after the last engine step."""
+    cancel = pair["folder"] / "job.cancel"
+    cancel.touch()
+    out = pair["folder"] / "out"
+    code, stdout, err = run_cli("register", pair["paths"]["fixed"], pair["paths"]["moving"],
+                                "-o", out, "--progress", "json", "--cancel-file", cancel)
+    assert code == 130 and "cancelled" in err
+    assert json.loads(stdout.strip().splitlines()[-1])["event"] == "error"
+    assert not out.exists()
+
+
+def test_unexpected_error_for_a_program_has_no_debug_advice(run_cli, pair, fake_engine):
+    """A program (the Slicer panel) gets the traceback on stderr, which it logs, and a message
+    its user can act on; a terminal user is told about --debug."""
+    def bug():
+        raise ZeroDivisionError("division by zero")
+    fake_engine["register_behaviour"] = bug
+    arguments = ["register", pair["paths"]["fixed"], pair["paths"]["moving"], "-o",
+                 pair["folder"] / "out"]
+    code, stdout, err = run_cli(*arguments, "--progress", "json")
+    message = json.loads(stdout.strip().splitlines()[-1])["message"]
+    assert code == 1 and "ZeroDivisionError: division by zero" in message
+    assert "--debug" not in message and "--debug" not in err and "log" in message
+    assert "Traceback (most recent call last)" in err and ", in bug" in err
+    code, _, err = run_cli(*arguments)
+    assert code == 1 and "--debug" in err and "Traceback" not in err
+
+
 def test_finetune_pairs_csv_relative_paths(run_cli, pair, fake_engine, tmp_path):
     data = tmp_path / "data"
     data.mkdir()

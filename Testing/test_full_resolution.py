@@ -154,3 +154,13 @@ def test_jacobian_matches_finite_differences_of_the_mapping(case):
     # trilinearly interpolated field: equal up to the discretisation of the working grid.
     assert np.median(np.abs(ours - truth)[inside]) < 0.02
     assert np.corrcoef(ours[inside], truth[inside])[0, 1] > 0.98
+
+
+def test_without_the_inverse_the_rest_is_unchanged(case):
+    """``register(inverse=False)`` (the Slicer panel) skips only the inverse."""
+    with torch.no_grad():
+        out = register._full_resolution(case["forward"], None, case["wgrid"], case["world_map"],
+                                        case["fixed"], case["moving"], "cpu")
+    assert out["inverse_displacement"] is None
+    for key in ("displacement", "jacobian", "warped"):
+        assert np.array_equal(out[key], case["ours"][key]), key

@@ -11,6 +11,8 @@ import csv
 import os
 import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import numpy as np
 from . import __version__
 from .errors import InputError, LiquidRegError
 from .options import ACCURATE_ITERATIONS, DEFAULT_REGULARISATION, MODES, RegistrationOptions
-from .progress import ProgressEvent
+from .progress import ProgressEvent, check
 
 PROG = "liquidreg"
 
@@ -149,7 +151,7 @@ def option_arguments(options: RegistrationOptions) -> list[str]:
     return arguments
 
 
-def run_register(args, reporter: Reporter) -> None:
+def run_register(args, reporter: Reporter, cancel=None) -> None:
     from . import register as registration
     from .io import read_volume
     from .results import check_output_folder, check_space, save_result
@@ -171,7 +173,9 @@ def run_register(args, reporter: Reporter) -> None:
     check_space(out, fixed.grid, moving.grid)
     # register() validates images and masks itself (for every caller: CLI, Slicer, scripts).
     result = registration.register(fixed, moving, options, fixed_mask=masks.get("fixed"),
-                                   moving_mask=masks.get("moving"), progress=reporter)
+                                   moving_mask=masks.get("moving"), progress=reporter,
+                                   cancel=cancel, inverse=not args.no_inverse)
+    check(cancel)
     paths = save_result(result, out, overwrite=args.overwrite, png=not args.no_png, fixed=fixed,
                         moving=moving, progress=reporter)
     summary = getattr(result, "summary", None) or {}
@@ -192,7 +196,7 @@ def _displacement_on(path, reference_grid):
     return np.stack([resample(field[..., c], field_grid, reference_grid) for c in range(3)], -1)
 
 
-def run_apply(args, reporter: Reporter) -> None:
+def run_apply(args, reporter: Reporter, cancel=None) -> None:
     import torch
 
     from .grid import resample
@@ -280,7 +284,7 @@ def evaluate_files(fixed_labels_path, moving_labels_path, *, transform=None, jac
     return report
 
 
-def run_evaluate(args, reporter: Reporter) -> None:
+def run_evaluate(args, reporter: Reporter, cancel=None) -> None:
     from .io import write_json
     labels = _parse_labels(args.labels)
     if args.output:
@@ -372,7 +376,7 @@ def pairs_from_folder(folder, reporter=None) -> list[tuple]:
     return [(a, b, None, None) for a in images for b in images if a != b]
 
 
-def run_finetune(args, reporter: Reporter) -> None:
+def run_finetune(args, reporter: Reporter, cancel=None) -> None:
     from . import train
     from .resources import check_new_weights_path
 
@@ -382,7 +386,7 @@ def run_finetune(args, reporter: Reporter) -> None:
     reporter.info(f"fine-tuning on {len(pairs)} pair(s) for {args.steps} steps")
     summary = train.finetune(pairs, out, steps=args.steps, weights=args.weights,
                              device=args.device, overwrite=args.overwrite, progress=reporter,
-                             cancel=None)
+                             cancel=cancel)
     reporter.info(f"wrote {out}")
     reporter.done(output=str(out), summary=summary)
 
@@ -414,7 +418,39 @@ def _common_options() -> argparse.ArgumentParser:
                        help="no progress bars or messages (errors are still printed)")
     group.add_argument("--debug", action="store_true",
                        help="show the full traceback of unexpected errors")
+    driven = common.add_argument_group("when another program runs liquidreg (e.g. the Slicer "
+                                       "module)")
+    driven.add_argument("--cancel-file", metavar="FILE",
+                        help="stop cleanly (exit code 130, nothing written) once FILE exists")
+    driven.add_argument("--exit-with-stdin", action="store_true",
+                        help="stop the same way when standard input closes (the program that "
+                             "started liquidreg cancelled or exited)")
     return common
+
+
+def cancel_hook(args):
+    """The engine's ``cancel`` callable for ``--cancel-file``/``--exit-with-stdin`` (None without
+    them).  Checked at every step of the work, so a driving program can stop this process even
+    through a launcher that forwards no signals (Slicer's PythonSlicer)."""
+    checks = []
+    if getattr(args, "cancel_file", None):
+        checks.append(Path(args.cancel_file).exists)
+    if getattr(args, "exit_with_stdin", False):
+        closed = threading.Event()
+
+        def watch():  # the raw descriptor: no buffer lock for interpreter shutdown to wait on
+            try:
+                while os.read(sys.stdin.fileno(), 65536):
+                    pass
+            except (AttributeError, OSError, ValueError):  # no usable stdin counts as closed
+                pass
+            closed.set()
+
+        threading.Thread(target=watch, name="liquidreg-stdin", daemon=True).start()
+        checks.append(closed.is_set)
+    if not checks:
+        return None
+    return lambda: any(check() for check in checks)
 
 
 def _device_option(parser) -> None:
@@ -510,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving-mask", metavar="M", help="mask of the region of MOVING to align")
     p.add_argument("--weights", metavar="W", help="network weights (default: the shipped ones)")
     p.add_argument("--no-png", action="store_true", help="do not render overview.png")
+    p.add_argument("--no-inverse", action="store_true",
+                   help="do not compute or write inverse_warp.nii.gz (faster)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the previous result in OUT (as a whole; a folder holding other "
                         "files is never replaced)")
@@ -588,7 +626,7 @@ def main(argv=None) -> int:
     # A terminating parent (e.g. Slicer's Cancel) gets the same clean exit as Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
     try:
-        args.run(args, reporter)
+        args.run(args, reporter, cancel_hook(args))
         return 0
     except LiquidRegError as error:
         message = _one_line(error)
@@ -598,9 +636,13 @@ def main(argv=None) -> int:
     except Exception as error:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise
-        message = _one_line(f"unexpected {type(error).__name__}: {error} (rerun with --debug for "
-                            "the traceback and please report it)")
-        code = 1
+        message = f"unexpected {type(error).__name__}: {error}"
+        if mode == "json":  # a program drives us (Slicer): it logs stderr, its user has no flags
+            traceback.print_exc(file=sys.stderr)
+            message += " (the traceback is in the log; please report it)"
+        else:
+            message += " (rerun with --debug for the traceback and please report it)"
+        message, code = _one_line(message), 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -9,15 +9,20 @@ Conventions used everywhere in LiquidReg (and nowhere redefined):
 * A displacement field lives on the *fixed* grid, holds RAS mm vectors and maps each fixed point
   ``x`` to the moving point ``x + u(x)`` (the resampling direction).
 * RAS <-> LPS happens only through :data:`LPS_FLIP` in this module.
+
+:class:`Grid` needs only numpy; the sampling functions import torch when called.  Slicer's own
+process describes and checks volumes with :class:`Grid` when it prepares a job, and importing
+torch there would freeze the application for seconds (the work itself runs in another process).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 #: Diagonal that maps LPS to RAS and back (its own inverse).
 LPS_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -104,8 +109,8 @@ class Grid:
         ras = np.asarray(ras, dtype=np.float64)
         return ras @ inv[:3, :3].T + inv[:3, 3]
 
-    def ras_coordinates(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """RAS position of every voxel, shape (I, J, K, 3)."""
+    def ras_coordinates(self, device=None, dtype=None) -> torch.Tensor:
+        """RAS position of every voxel, shape (I, J, K, 3) (float32 unless ``dtype``)."""
         return mapped_voxels(self.shape, self.affine, device, dtype)
 
     def corners_ras(self) -> np.ndarray:
@@ -194,18 +199,25 @@ class Grid:
 
 
 # ---- coordinate helpers shared by the engine --------------------------------------------------
-def identity_voxels(shape, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Voxel index of every voxel, shape (I, J, K, 3)."""
+def identity_voxels(shape, device=None, dtype=None) -> torch.Tensor:
+    """Voxel index of every voxel, shape (I, J, K, 3) (float32 unless ``dtype``)."""
+    import torch
+
+    dtype = dtype or torch.float32
     axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 
-def mapped_voxels(shape, affine: np.ndarray, device=None, dtype=torch.float32) -> torch.Tensor:
-    """``affine`` applied to every voxel index of ``shape``: (I, J, K, 3).
+def mapped_voxels(shape, affine: np.ndarray, device=None, dtype=None) -> torch.Tensor:
+    """``affine`` applied to every voxel index of ``shape``: (I, J, K, 3) (float32 unless
+    ``dtype``).
 
     Built as a broadcast sum of three 1-D axes, several times faster than a matmul over all
     voxels of a 1 mm brain.
     """
+    import torch
+
+    dtype = dtype or torch.float32
     m = torch.tensor(np.asarray(affine, dtype=np.float64), dtype=torch.float64)
     out = None
     for axis, n in enumerate(shape):
@@ -219,6 +231,8 @@ def mapped_voxels(shape, affine: np.ndarray, device=None, dtype=torch.float32) -
 
 def voxel_to_world(points: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
     """Apply a 4x4 matrix to (..., 3) points."""
+    import torch
+
     m = torch.tensor(np.asarray(affine), dtype=points.dtype, device=points.device)
     return points @ m[:3, :3].T + m[:3, 3]
 
@@ -241,6 +255,8 @@ def normalized_coordinates(shape) -> np.ndarray:
 def voxel_to_normalized(points: torch.Tensor, shape) -> torch.Tensor:
     """Voxel (i, j, k) -> ``grid_sample`` coordinates, as :func:`normalized_coordinates` but
     elementwise (cheaper than a matrix product for arbitrary points)."""
+    import torch
+
     scale = torch.as_tensor(_normalising_scale(shape), dtype=points.dtype, device=points.device)
     return (points * scale - 1.0).flip(-1)
 
@@ -267,6 +283,9 @@ def sample_at(volume: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     same (expanded, not copied) volume: ~2x on 2 cores for registration outputs, instance
     optimisation and training alike, with autograd intact.
     """
+    import torch
+    import torch.nn.functional as F
+
     grid = grid.to(volume.dtype)
     slabs = min(torch.get_num_threads(), grid.shape[1])
     if (volume.device.type != "cpu" or volume.shape[0] != 1 or grid.dim() != 5 or slabs < 2
@@ -304,6 +323,8 @@ def resample(array, source: Grid, target: Grid, *, world_map: np.ndarray | None 
     """
     if order not in ("linear", "nearest"):
         raise ValueError(f"interpolation must be 'linear' or 'nearest', not {order!r}")
+    import torch
+
     array = np.asarray(array)
     if not array.flags.c_contiguous and array.T.flags.c_contiguous:
         array, source = array.T, source.transposed()  # an [i, j, k] view of [k, j, i] memory

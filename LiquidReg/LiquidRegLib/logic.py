@@ -1,8 +1,10 @@
 """MRML nodes <-> the engine: everything LiquidReg does in 3D Slicer that does not need Qt.
 
-Three users share it: the Slicer module (which runs the ``liquidreg`` command in a background
-process and loads its files back through here), scripts in Slicer's Python console, and plain
-Python with the ``slicer-core`` wheel (``slicer.mrmlScene = slicer.vtkMRMLScene()`` first).
+Three users share it: the Slicer module's logic (which runs the ``liquidreg`` command as a
+background job, ``jobs.py``, and loads its files back through here), scripts in Slicer's Python
+console, and plain Python with the ``slicer-core`` wheel (``slicer.mrmlScene =
+slicer.vtkMRMLScene()`` first).  Preparing a job never imports torch: the Slicer process only
+checks nodes and writes files.
 
 Frames.  The fixed volume is read in world coordinates (a linear parent transform is folded into
 its grid).  The moving volume is read in its own local coordinates, and a linear parent transform
@@ -10,19 +12,17 @@ on it becomes the initial affine (the user's manual pre-alignment).  The resulti
 therefore maps fixed world points to moving *local* points, which is exactly what a transform
 placed as the moving volume's parent must do.
 
+Registering again.  A result shown on the moving volume replaces its parent transform.  The
+result transform remembers the pre-alignment it started from (node reference
+``PRE_ALIGNMENT_ROLE``), so the next registration of that moving volume starts again from its own
+voxels and the user's pre-alignment, never from the previous warp.
+
 This is the only place where the engine's displacement field becomes a Slicer grid transform.
 """
 from __future__ import annotations
 
 import json
-import os
-import queue
-import shutil
-import subprocess
-import sys
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,7 @@ import vtk
 from vtk.util import numpy_support
 
 from . import validate
+from .cli import option_arguments
 from .errors import InputError
 from .grid import GeometryError, Grid
 from .io import Volume, read_displacement, read_volume, write_volume
@@ -42,7 +43,13 @@ from .resources import check_new_weights_path  # noqa: F401  (the panel's fine-t
 
 DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 JACOBIAN_COLOR_NODE_NAME = "LiquidReg Jacobian"
+#: Slicer's diverging colour table (Base/Logic/Resources/ColorFiles), loaded by the application.
+SLICER_DIVERGING_COLORS = "DivergingBlueRed.txt"
 SUMMARY_ATTRIBUTE = "LiquidReg.Summary"
+#: Node references LiquidReg writes: on the result transform, the user's linear transform the
+#: registration started from; on every output, the fixed and moving volumes it was made for.
+PRE_ALIGNMENT_ROLE = "LiquidReg.preAlignment"
+FIXED_ROLE, MOVING_ROLE = "LiquidReg.fixedVolume", "LiquidReg.movingVolume"
 
 
 # ---- nodes -> engine volumes ------------------------------------------------------------------
@@ -71,12 +78,13 @@ def _check_volume_node(node, name: str) -> None:
                          "vector); convert it with the 'Vector to Scalar Volume' module first")
 
 
-def node_to_world(node, name: str) -> np.ndarray:
-    """The 4x4 matrix of the node's parent transforms (identity without one).
+def node_to_world(node, name: str, parent=False) -> np.ndarray:
+    """The 4x4 matrix of the node's parent transforms (identity without one); ``parent``, when
+    given (a transform node or None), stands for the node's own parent.
 
     A non-linear parent cannot be folded into a grid, so it is refused with the fix.
     """
-    parent = node.GetParentTransformNode()
+    parent = node.GetParentTransformNode() if parent is False else parent
     if parent is None:
         return np.eye(4)
     if not parent.IsTransformToWorldLinear():
@@ -84,6 +92,13 @@ def node_to_world(node, name: str) -> np.ndarray:
                          f"'{parent.GetName()}'; harden it (Data module: right-click the volume > "
                          "Harden transform) or remove it, then register again")
     return _matrix(parent.GetMatrixTransformToWorld)
+
+
+def plain_scalar_volumes(scene) -> list:
+    """The scene's plain scalar volumes: what may be registered (not label maps, vector, tensor
+    or diffusion volumes, which all derive from vtkMRMLScalarVolumeNode)."""
+    return [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode", scene)
+            if node.GetClassName() == "vtkMRMLScalarVolumeNode"]
 
 
 def volume_from_node(node, name: str, *, node_to_frame=None, labels: bool = False) -> Volume:
@@ -179,8 +194,10 @@ def set_volume_node(node, array_ijk, grid: Grid) -> None:
 
 
 def jacobian_color_node(scene):
-    """A diverging blue-white-red table for Jacobian determinants, white at 1 (one per scene)."""
-    node = scene.GetFirstNode(JACOBIAN_COLOR_NODE_NAME, "vtkMRMLColorTableNode")
+    """A diverging blue-white-red table for Jacobian determinants: Slicer's own
+    ``DivergingBlueRed`` where the application loaded it, else one made here (one per scene)."""
+    node = (scene.GetNodeByID(slicer.vtkMRMLColorLogic.GetFileColorNodeID(SLICER_DIVERGING_COLORS))
+            or scene.GetFirstNode(JACOBIAN_COLOR_NODE_NAME, "vtkMRMLColorTableNode"))
     if node is not None:
         return node
     node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", JACOBIAN_COLOR_NODE_NAME)
@@ -236,6 +253,8 @@ class RegistrationInputs:
     fixedMask: Volume | None
     movingMask: Volume | None
     initialAffine: np.ndarray | None
+    preAlignmentNode: object = None  # the user's linear transform the initial affine came from
+    #                                  (kept even while it is the identity: the user may edit it)
 
 
 def _name(node) -> str:
@@ -277,10 +296,43 @@ def _check_outputs(request: RegistrationRequest) -> None:
             if node is not None and node.GetParentTransformNode() is transform:
                 raise InputError(f"the {in_name} {_name(node)} is under the output transform "
                                  f"{_name(transform)}; choose another output transform")
+        moving = request.movingVolumeNode
+        if (moving.GetParentTransformNode() is transform
+                and transform.GetAttribute(SUMMARY_ATTRIBUTE) is None):
+            raise InputError(f"the output transform {_name(transform)} is the moving volume's own "
+                             "starting alignment, which would be lost; choose another output "
+                             "transform or leave it empty to create one")
+
+
+def is_result_for(transform, movingNode) -> bool:
+    """True if ``transform`` is a LiquidReg result made for ``movingNode``."""
+    return (transform is not None and transform.GetAttribute(SUMMARY_ATTRIBUTE) is not None
+            and transform.GetNodeReferenceID(MOVING_ROLE) == movingNode.GetID())
+
+
+def made_for_another_pair(node, fixedNode, movingNode) -> bool:
+    """True for an output LiquidReg wrote for another fixed/moving pair: the panel never writes
+    one pair's result over another's."""
+    pair = node.GetNodeReferenceID(FIXED_ROLE), node.GetNodeReferenceID(MOVING_ROLE)
+    return pair != (None, None) and pair != (fixedNode.GetID(), movingNode.GetID())
+
+
+def _pre_alignment(node, request: RegistrationRequest):
+    """The transform that places ``node`` (the moving volume or its mask) before registration:
+    its parent, unless that is a LiquidReg result for this moving volume (or the output being
+    recomputed), whose remembered pre-alignment then takes its place."""
+    parent = node.GetParentTransformNode()
+    if parent is not None and (parent is request.transformNode
+                               or is_result_for(parent, request.movingVolumeNode)):
+        return parent.GetNodeReference(PRE_ALIGNMENT_ROLE)
+    return parent
 
 
 def read_request(request: RegistrationRequest) -> RegistrationInputs:
-    """Validate a selection and read it; raises InputError before anything is changed."""
+    """Validate a selection and read it; raises InputError before anything is changed.
+
+    Images are checked here (numpy only); masks are checked by the engine, which resamples them.
+    """
     fixed_node, moving_node = request.fixedVolumeNode, request.movingVolumeNode
     _check_volume_node(fixed_node, "fixed")
     _check_volume_node(moving_node, "moving")
@@ -288,16 +340,8 @@ def read_request(request: RegistrationRequest) -> RegistrationInputs:
         raise InputError(f"the fixed and moving volumes are the same volume {_name(fixed_node)}; "
                          "choose two different volumes")
     _check_outputs(request)
-    # The moving volume is read in its own frame; its parent transform (unless it is the one
-    # being recomputed, from an earlier run) is the user's pre-alignment: the initial affine.
-    def to_world(node, name):
-        recomputed = request.transformNode is not None
-        if recomputed and node.GetParentTransformNode() is request.transformNode:
-            return np.eye(4)
-        return node_to_world(node, name)
-
-    world_to_moving = np.linalg.inv(to_world(moving_node, "moving"))
-
+    pre_alignment = _pre_alignment(moving_node, request)
+    world_to_moving = np.linalg.inv(node_to_world(moving_node, "moving", pre_alignment))
     fixed = volume_from_node(fixed_node, "fixed")
     moving = volume_from_node(moving_node, "moving", node_to_frame=np.eye(4))
     validate.check_image(fixed, fixed.name)
@@ -305,14 +349,13 @@ def read_request(request: RegistrationRequest) -> RegistrationInputs:
     fixed_mask = moving_mask = None
     if request.fixedMaskNode is not None:
         fixed_mask = volume_from_node(request.fixedMaskNode, "fixed mask", labels=True)
-        fixed_mask = validate.check_mask(fixed_mask, fixed, fixed_mask.name)
     if request.movingMaskNode is not None:
-        mask_to_world = to_world(request.movingMaskNode, "moving mask")
-        moving_mask = volume_from_node(request.movingMaskNode, "moving mask", labels=True,
+        mask_node = request.movingMaskNode
+        mask_to_world = node_to_world(mask_node, "moving mask", _pre_alignment(mask_node, request))
+        moving_mask = volume_from_node(mask_node, "moving mask", labels=True,
                                        node_to_frame=world_to_moving @ mask_to_world)
-        moving_mask = validate.check_mask(moving_mask, moving, moving_mask.name)
     initial = None if np.allclose(world_to_moving, np.eye(4)) else world_to_moving
-    return RegistrationInputs(fixed, moving, fixed_mask, moving_mask, initial)
+    return RegistrationInputs(fixed, moving, fixed_mask, moving_mask, initial, pre_alignment)
 
 
 def _output_volume(scene, node, base_name: str):
@@ -322,9 +365,10 @@ def _output_volume(scene, node, base_name: str):
 
 
 def apply_result(request: RegistrationRequest, displacement, grid: Grid, jacobian, warped,
-                 summary: dict) -> RegistrationNodes:
+                 summary: dict, preAlignmentNode=None) -> RegistrationNodes:
     """Put a registration result into the scene: selected output nodes are updated in place,
-    missing ones are created.  The transform is FromParent (fixed -> moving, RAS mm)."""
+    missing ones are created.  The transform is FromParent (fixed -> moving, RAS mm) and
+    remembers ``preAlignmentNode`` (``RegistrationInputs.preAlignmentNode``) for the next run."""
     fixed_node, moving_node = request.fixedVolumeNode, request.movingVolumeNode
     for node, name in ((fixed_node, "fixed"), (moving_node, "moving")):
         if node.GetScene() is None:
@@ -350,6 +394,12 @@ def apply_result(request: RegistrationRequest, displacement, grid: Grid, jacobia
         transform_node.SetNodeReferenceID(transform_node.GetMovingNodeReferenceRole(),
                                           moving_node.GetID())
         transform_node.SetAttribute(SUMMARY_ATTRIBUTE, json.dumps(summary, default=str))
+        kept = preAlignmentNode is not None and preAlignmentNode.GetScene() is scene
+        transform_node.SetNodeReferenceID(PRE_ALIGNMENT_ROLE,
+                                          preAlignmentNode.GetID() if kept else None)
+        for node in (transform_node, jacobian_node, warped_node):
+            node.SetNodeReferenceID(FIXED_ROLE, fixed_node.GetID())
+            node.SetNodeReferenceID(MOVING_ROLE, moving_node.GetID())
         set_volume_node(jacobian_node, np.asarray(jacobian, dtype=np.float32), grid)
         show_jacobian_colors(jacobian_node)
         set_volume_node(warped_node, np.asarray(warped, dtype=np.float32), grid)
@@ -369,157 +419,19 @@ def show_result(fixedNode, nodes: RegistrationNodes, opacity: float = 0.4) -> No
                                      foregroundOpacity=opacity)
 
 
-def load_cli_result(request: RegistrationRequest, out_dir) -> RegistrationNodes:
+def load_cli_result(request: RegistrationRequest, out_dir, preAlignmentNode=None) \
+        -> RegistrationNodes:
     """Bring the files written by ``liquidreg register -o out_dir`` into the scene."""
     out_dir = Path(out_dir)
     displacement, grid = read_displacement(out_dir / RESULT_FILES["warp"], name="result warp")
     jacobian = read_volume(out_dir / RESULT_FILES["jacobian"], name="result Jacobian")
     warped = read_volume(out_dir / RESULT_FILES["warped"], name="result warped image")
     summary = json.loads((out_dir / RESULT_FILES["summary"]).read_text())
-    return apply_result(request, displacement, grid, jacobian.array, warped.array, summary)
+    return apply_result(request, displacement, grid, jacobian.array, warped.array, summary,
+                        preAlignmentNode)
 
 
-# ---- the background command -------------------------------------------------------------------
-def python_executable() -> str:
-    """The interpreter for background commands: PythonSlicer inside the Slicer application."""
-    if hasattr(slicer, "app"):
-        found = shutil.which("PythonSlicer")
-        if found:
-            return found
-    return sys.executable
-
-
-def parse_progress_line(line: str) -> dict | None:
-    """One ``--progress json`` line as a dict, or None for anything else the command printed."""
-    line = line.strip()
-    if not line.startswith("{"):
-        return None
-    try:
-        event = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return event if isinstance(event, dict) else None
-
-
-STAGE_NAMES = {"load": "Loading", "affine": "Affine alignment", "network": "Network",
-               "instance": "Fine-tuning on this pair", "resample": "Full resolution",
-               "write": "Saving results", "train": "Fine-tuning the network"}
-
-
-def describe_progress(event: dict) -> tuple[int | None, str]:
-    """Percent done in the current stage (None when unknown) and a one-line status."""
-    stage = str(event.get("stage", ""))
-    step, total = event.get("step"), event.get("total")
-    percent = int(100 * step / total) if isinstance(step, (int, float)) and total else None
-    text = STAGE_NAMES.get(stage, stage.capitalize())
-    if event.get("message"):
-        text += f": {event['message']}"
-    if total:
-        text += f" ({step}/{total})"
-    eta = (event.get("metrics") or {}).get("eta_s")
-    if isinstance(eta, (int, float)):
-        text += f", about {eta:.0f} s left"
-    return percent, text
-
-
-class CliJob:
-    """The ``liquidreg`` command running in its own process, read without ever blocking.
-
-    The Slicer GUI polls it from a timer, so long work never freezes the application; tests and
-    scripts can simply :meth:`wait`.  Output lines are read by two daemon threads.
-    """
-
-    def __init__(self, arguments, *, python: str | None = None, kill_after_s: float = 5.0):
-        env = dict(os.environ)
-        package_parent = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
-        env["PYTHONUNBUFFERED"] = "1"
-        self.command = [python or python_executable(), "-m", "LiquidRegLib.cli",
-                        *map(str, arguments)]
-        self._lines: queue.Queue = queue.Queue()
-        self._stderr: deque = deque(maxlen=40)
-        self._kill_after_s = kill_after_s
-        self._cancel_time = None
-        self.events: list[dict] = []
-        self.process = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-            env=env, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
-        self._readers = [threading.Thread(target=self._read, args=(stream, sink), daemon=True)
-                         for stream, sink in ((self.process.stdout, self._lines.put),
-                                              (self.process.stderr, self._stderr.append))]
-        for reader in self._readers:
-            reader.start()
-
-    @staticmethod
-    def _read(stream, sink) -> None:
-        for line in stream:
-            sink(line)
-        stream.close()
-
-    def poll(self) -> list[dict]:
-        """Progress events printed since the last call (never blocks)."""
-        new = []
-        while True:
-            try:
-                event = parse_progress_line(self._lines.get_nowait())
-            except queue.Empty:
-                break
-            if event is not None:
-                new.append(event)
-        self.events += new
-        if (self._cancel_time is not None and self.process.poll() is None
-                and time.monotonic() - self._cancel_time > self._kill_after_s):
-            self.process.kill()
-        return new
-
-    @property
-    def finished(self) -> bool:
-        """True once the process has exited and all its output has been read."""
-        return (self.process.poll() is not None and not any(r.is_alive() for r in self._readers)
-                and self._lines.empty())
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel_time is not None
-
-    def cancel(self) -> None:
-        """Ask the command to stop; it is killed if still running a few seconds later."""
-        if self._cancel_time is None and self.process.poll() is None:
-            self._cancel_time = time.monotonic()
-            self.process.terminate()
-
-    def wait(self, timeout: float | None = None, on_event=None) -> None:
-        """Block until the command ends (for scripts and tests)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.finished:
-            for event in self.poll():
-                if on_event is not None:
-                    on_event(event)
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                deadline = None
-            time.sleep(0.05)
-        for event in self.poll():
-            if on_event is not None:
-                on_event(event)
-
-    def outcome(self) -> tuple[str, str]:
-        """("done", output), ("cancelled", message) or ("error", one-line message)."""
-        ends = [e for e in self.events if e.get("event") in ("done", "error")]
-        if ends and ends[-1]["event"] == "done":
-            return "done", str(ends[-1].get("output", ""))
-        if self._cancel_time is not None:
-            return "cancelled", "cancelled by the user; nothing was changed"
-        if ends:
-            return "error", str(ends[-1].get("message", "the command failed"))
-        if self.process.returncode == 0:
-            return "done", ""
-        lines = [line.strip() for line in self._stderr if line.strip()]
-        detail = lines[-1] if lines else "no error message"
-        return "error", (f"LiquidReg stopped unexpectedly (exit code {self.process.returncode}): "
-                         f"{detail}")
-
-
+# ---- files and command lines for background jobs ----------------------------------------------
 def write_cli_inputs(inputs: RegistrationInputs, folder) -> list[str]:
     """Write a read request as files for ``liquidreg register``; returns the input arguments."""
     folder = Path(folder)
@@ -539,15 +451,12 @@ def write_cli_inputs(inputs: RegistrationInputs, folder) -> list[str]:
     return arguments
 
 
-def register_arguments(input_arguments, out_dir, options: RegistrationOptions | None = None,
-                       **settings) -> list[str]:
-    """The full ``liquidreg register`` command line for the background process (``settings``:
-    RegistrationOptions fields by name, as for :func:`register.register`)."""
-    from .cli import option_arguments
-
-    options = RegistrationOptions.of(options, **settings)
+def register_arguments(input_arguments, out_dir, options: RegistrationOptions,
+                       panel: bool = False) -> list[str]:
+    """The full ``liquidreg register`` command line for the background process; ``panel``: only
+    the files the panel reads (no overview PNG, no inverse warp)."""
     return ["register", *input_arguments, "-o", str(out_dir), *option_arguments(options),
-            "--progress", "json"]
+            *(["--no-png", "--no-inverse"] if panel else [])]
 
 
 def default_weights_path(folder) -> Path:
@@ -599,43 +508,39 @@ def finetune_arguments(source_arguments, output, *, steps=200, device="auto",
                        weights=None) -> list[str]:
     """The full ``liquidreg finetune`` command line for the background process."""
     arguments = ["finetune", *source_arguments, "-o", str(output), "--steps", str(int(steps)),
-                 "--device", device, "--progress", "json"]
+                 "--device", device]
     if weights:
         arguments += ["--weights", str(weights)]
     return arguments
 
 
-# ---- the scripting entry point ----------------------------------------------------------------
-class LiquidRegLogic:
-    """Register two volume nodes and put the transform, Jacobian and warped volume in the scene.
+# ---- registering in this process (scripts) -------------------------------------------------
+def register_nodes(fixedNode, movingNode, options: RegistrationOptions | None = None, *,
+                   fixedMaskNode=None, movingMaskNode=None, transformNode=None,
+                   jacobianVolumeNode=None, warpedVolumeNode=None, applyToMoving: bool = False,
+                   progress=None, cancel=None, **settings) -> RegistrationNodes:
+    """Register two volume nodes in this process and put the transform, Jacobian and warped
+    volume in the scene; blocks.  Nothing in the scene changes unless it succeeds.
 
-    ``LiquidRegLogic().register(fixedNode, movingNode, iterations=0, device="auto")`` blocks and
-    returns :class:`RegistrationNodes`.  Nothing in the scene changes unless it succeeds.
+    ``options`` (or ``settings``, its fields by name) as for ``register.register``; the device
+    may also be named as in the panel ("Auto", "CPU", "GPU").  The initial affine comes from the
+    moving volume's linear parent transform.
     """
+    from .register import register
 
-    def register(self, fixedNode, movingNode, options: RegistrationOptions | None = None, *,
-                 fixedMaskNode=None, movingMaskNode=None, transformNode=None,
-                 jacobianVolumeNode=None, warpedVolumeNode=None, applyToMoving: bool = False,
-                 progress=None, cancel=None, **settings) -> RegistrationNodes:
-        """``options`` (or ``settings``, its fields by name) as for ``register.register``; the
-        device may also be named as in the panel ("Auto", "CPU", "GPU").  The initial affine
-        comes from the moving volume's linear parent transform."""
-        from .register import register as run_registration
-
-        if "device" in settings:
-            settings["device"] = DEVICES.get(settings["device"], settings["device"])
-        options = RegistrationOptions.of(options, **settings)
-        request = RegistrationRequest(fixedNode, movingNode, fixedMaskNode, movingMaskNode,
-                                      transformNode, jacobianVolumeNode, warpedVolumeNode,
-                                      applyToMoving)
-        inputs = read_request(request)
-        if inputs.initialAffine is not None:
-            if options.initial_affine is not None:
-                raise InputError("an initial affine was given and the moving volume is under a "
-                                 "linear transform; pass one of the two")
-            options = RegistrationOptions.of(options, initial_affine=inputs.initialAffine)
-        result = run_registration(inputs.fixed, inputs.moving, options,
-                                  fixed_mask=inputs.fixedMask, moving_mask=inputs.movingMask,
-                                  progress=progress, cancel=cancel)
-        return apply_result(request, result.displacement, result.fixed_grid, result.jacobian,
-                            result.warped, result.summary)
+    if "device" in settings:
+        settings["device"] = DEVICES.get(settings["device"], settings["device"])
+    options = RegistrationOptions.of(options, **settings)
+    request = RegistrationRequest(fixedNode, movingNode, fixedMaskNode, movingMaskNode,
+                                  transformNode, jacobianVolumeNode, warpedVolumeNode,
+                                  applyToMoving)
+    inputs = read_request(request)
+    if inputs.initialAffine is not None:
+        if options.initial_affine is not None:
+            raise InputError("an initial affine was given and the moving volume is under a "
+                             "linear transform; pass one of the two")
+        options = RegistrationOptions.of(options, initial_affine=inputs.initialAffine)
+    result = register(inputs.fixed, inputs.moving, options, fixed_mask=inputs.fixedMask,
+                      moving_mask=inputs.movingMask, progress=progress, cancel=cancel)
+    return apply_result(request, result.displacement, result.fixed_grid, result.jacobian,
+                        result.warped, result.summary, inputs.preAlignmentNode)

@@ -27,7 +27,8 @@ class RegistrationResult:
     fixed_grid: Grid
     moving_grid: Grid
     displacement: np.ndarray          # (I, J, K, 3) RAS mm on the fixed grid, fixed -> moving
-    inverse_displacement: np.ndarray  # (I', J', K', 3) RAS mm on the moving grid, moving -> fixed
+    inverse_displacement: np.ndarray | None  # (I', J', K', 3) RAS mm on the moving grid,
+    #                                          moving -> fixed; None unless asked for
     jacobian: np.ndarray              # (I, J, K) det of d(phi)/dx on the fixed grid
     warped: np.ndarray                # moving resampled on the fixed grid
     affine: np.ndarray                # 4x4 RAS, fixed point -> moving point
@@ -42,12 +43,15 @@ def _similarity(pair, moving=None) -> float:
 
 
 def register(fixed, moving, options: RegistrationOptions | None = None, *, fixed_mask=None,
-             moving_mask=None, progress=None, cancel=None, **settings) -> RegistrationResult:
+             moving_mask=None, progress=None, cancel=None, inverse: bool = True,
+             **settings) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (``io.Volume``-like objects) and return the full mapping.
 
     ``options`` says how (:class:`RegistrationOptions`); ``settings`` set some of its fields by
     name for short calls, e.g. ``register(fixed, moving, mode="accurate", device="cpu")``.
     Masks may lie on their own grids: each is resampled onto its image's grid once, here.
+    ``inverse=False`` skips the inverse mapping (an output, not a choice of how to register),
+    for callers that never read it, such as the Slicer panel.
     """
     options = RegistrationOptions.of(options, **settings)
     timings, started = {}, time.perf_counter()
@@ -65,7 +69,7 @@ def register(fixed, moving, options: RegistrationOptions | None = None, *, fixed
     timings["load"] = round(time.perf_counter() - started, 3)
     inputs = _Inputs(fixed, moving, fixed_mask, moving_mask)
     try:
-        outcome = _register_on(dev, model, inputs, options, timings, progress, cancel)
+        outcome = _register_on(dev, model, inputs, options, timings, progress, cancel, inverse)
     except torch.cuda.OutOfMemoryError:
         if dev.type != "cuda":
             raise
@@ -73,7 +77,7 @@ def register(fixed, moving, options: RegistrationOptions | None = None, *, fixed
         torch.cuda.empty_cache()
         dev = torch.device("cpu")
         model.to(dev)
-        outcome = _register_on(dev, model, inputs, options, timings, progress, cancel)
+        outcome = _register_on(dev, model, inputs, options, timings, progress, cancel, inverse)
     world_map, wgrid, out, similarity, instance = outcome
     timings["total"] = round(time.perf_counter() - started, 3)
     stats = metrics.jacobian_stats(out["jacobian"])
@@ -106,7 +110,7 @@ class _Inputs:
 
 
 def _register_on(dev, model, inputs: _Inputs, options: RegistrationOptions, timings, progress,
-                 cancel):
+                 cancel, want_inverse=True):
     """Everything that runs on ``dev``: affine, network (+ instance optimisation), outputs at the
     input grids and the similarity report.  One unit, so a CUDA out-of-memory anywhere in it
     can be retried on the CPU."""
@@ -128,7 +132,8 @@ def _register_on(dev, model, inputs: _Inputs, options: RegistrationOptions, timi
     report(progress, "resample", 0, 1, "bringing the mapping to full resolution")
     with torch.no_grad():
         forward = diffeo.exp_velocity(velocity, wgrid.shape, model.squarings)
-        inverse = diffeo.exp_velocity(-velocity, wgrid.shape, model.squarings)
+        inverse = (diffeo.exp_velocity(-velocity, wgrid.shape, model.squarings) if want_inverse
+                   else None)
         unaligned = working_image(moving, wgrid, None, inputs.moving_mask, dev)  # before outputs
         out = _full_resolution(forward, inverse, wgrid, world_map, fixed, moving, dev)
         similarity = {"metric": "mean local NCC (5^3 window, half working resolution)",
@@ -189,7 +194,8 @@ def _shifted(affine: np.ndarray, rows: int) -> np.ndarray:
 def _full_resolution(forward_vox, inverse_vox, wgrid: Grid, world_map, fixed, moving, dev) -> dict:
     """Forward mapping, its Jacobian, the warped image and the inverse, at the input grids.
 
-    ``forward_vox``/``inverse_vox`` are exp(v) and exp(-v) on the working grid (voxel units).
+    ``forward_vox``/``inverse_vox`` are exp(v) and exp(-v) on the working grid (voxel units);
+    ``inverse_vox`` None skips the inverse.
     Each full-resolution quantity is an affine function of the voxel index plus a linear function
     of the working-grid field, and trilinear interpolation commutes with linear maps.  So the
     vectors are mapped (to RAS mm, to the moving image's sampling coordinates) on the small working
@@ -221,7 +227,8 @@ def _full_resolution(forward_vox, inverse_vox, wgrid: Grid, world_map, fixed, mo
                                     device=dev)[None, None]
     out = {"displacement": torch.empty((*target.shape, 3)),
            "warped": torch.empty(target.shape), "jacobian": torch.empty(target.shape),
-           "inverse_displacement": torch.empty((*source.shape, 3))}
+           "inverse_displacement": (None if inverse_vox is None
+                                    else torch.empty((*source.shape, 3)))}
     for first, last in _slabs(target.shape):
         rows = (last - first, *target.shape[1:])
         slab = _shifted(target.affine, first)
@@ -236,22 +243,23 @@ def _full_resolution(forward_vox, inverse_vox, wgrid: Grid, world_map, fixed, mo
         out["warped"][first:last] = sample_at(moving_tensor, points[None])[0, 0]
         out["jacobian"][first:last] = at_fixed[6]
         del at_fixed, displacement, points
-    # moving y -> z + u^-1(z), z = A^-1 y:  displacement (A^-1 - I) y + u^-1(z)
-    unmap = np.linalg.inv(world_map)
-    backward = on_work(_mix(wgrid.affine[:3, :3], inverse_vox))
-    for first, last in _slabs(source.shape):
-        rows = (last - first, *source.shape[1:])
-        slab = _shifted(source.affine, first)
-        at_moving = sample_at(backward, sampling_grid(rows, work.inverse @ unmap @ slab,
-                                                      work.shape, dev)[None],
-                              padding_mode="border")[0]
-        inverse = mapped_voxels(rows, (unmap - eye) @ slab, dev)
-        inverse += at_moving.permute(1, 2, 3, 0)
-        out["inverse_displacement"][first:last] = inverse
-        del at_moving, inverse
+    if inverse_vox is not None:
+        # moving y -> z + u^-1(z), z = A^-1 y:  displacement (A^-1 - I) y + u^-1(z)
+        unmap = np.linalg.inv(world_map)
+        backward = on_work(_mix(wgrid.affine[:3, :3], inverse_vox))
+        for first, last in _slabs(source.shape):
+            rows = (last - first, *source.shape[1:])
+            slab = _shifted(source.affine, first)
+            at_moving = sample_at(backward, sampling_grid(rows, work.inverse @ unmap @ slab,
+                                                          work.shape, dev)[None],
+                                  padding_mode="border")[0]
+            inverse = mapped_voxels(rows, (unmap - eye) @ slab, dev)
+            inverse += at_moving.permute(1, 2, 3, 0)
+            out["inverse_displacement"][first:last] = inverse
+            del at_moving, inverse
 
     def ijk(tensor):  # [k, j, i, ...] -> an [i, j, k, ...] view of the same memory
         array = tensor.numpy()
         return array.transpose(2, 1, 0, *range(3, array.ndim))
 
-    return {name: ijk(tensor) for name, tensor in out.items()}
+    return {name: None if tensor is None else ijk(tensor) for name, tensor in out.items()}

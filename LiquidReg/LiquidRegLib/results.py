@@ -166,9 +166,10 @@ def save_result(result, out_dir, *, overwrite: bool = False, png: bool = True,
                                                result.fixed_grid)}
     if png and importlib.util.find_spec("PIL") is not None:  # optional: [figures] extra
         jobs["overview"] = lambda: _render_overview(staged["overview"], result, fixed, moving)
+    if result.inverse_displacement is not None:  # None: not computed (register(inverse=False))
+        jobs["inverse_warp"] = lambda: write_displacement(
+            staged["inverse_warp"], result.inverse_displacement, result.moving_grid)
     jobs.update({
-        "inverse_warp": lambda: write_displacement(staged["inverse_warp"],
-                                                   result.inverse_displacement, result.moving_grid),
         "warped": lambda: write_volume(staged["warped"], result.warped, result.fixed_grid),
         "jacobian": lambda: write_volume(staged["jacobian"], result.jacobian, result.fixed_grid),
         "summary": lambda: write_json(staged["summary"], _summary(result)),

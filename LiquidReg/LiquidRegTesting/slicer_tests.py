@@ -15,10 +15,11 @@ import slicer.util
 import vtk
 from vtk.util import numpy_support
 
-from LiquidRegLib import logic
+from LiquidRegLib import jobs, logic
 from LiquidRegLib.errors import InputError
 from LiquidRegLib.grid import LPS_FLIP, Grid
 from LiquidRegLib.io import read_volume
+from LiquidRegLib.options import RegistrationOptions
 from LiquidRegLib.resources import folder
 from LiquidRegLib.results import RESULT_FILES
 
@@ -104,6 +105,18 @@ def itk_transform_points(path, points_ras) -> np.ndarray:
     transform = sitk.ReadTransform(str(path))
     flip = LPS_FLIP[:3, :3].diagonal()
     return np.array([transform.TransformPoint((p * flip).tolist()) for p in points_ras]) * flip
+
+
+def refusal(call, expected: str) -> str:
+    """The one-line InputError ``call()`` must raise, checked to mention ``expected``."""
+    try:
+        call()
+    except InputError as error:
+        message = str(error)
+        assert expected in message, f"{expected!r} not in {message!r}"
+        assert "\n" not in message and ";" in message, f"not a one-line problem; fix: {message}"
+        return message
+    raise AssertionError(f"accepted; expected a refusal mentioning {expected!r}")
 
 
 # ---- conversions, with analytic data ---------------------------------------------------------
@@ -254,20 +267,136 @@ def test_parent_transforms_define_frames(workdir):
     assert np.allclose(inputs.moving.grid.affine, ijk_to_ras(moving), atol=1e-9)
     assert np.allclose(inputs.initialAffine, np.linalg.inv(pm), atol=1e-9)
 
-    output = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "previous result")
-    moving.SetAndObserveTransformNodeID(output.GetID())
-    inputs = logic.read_request(logic.RegistrationRequest(fixed, moving, transformNode=output))
-    assert inputs.initialAffine is None
-
+    own = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "the user's own warp")
     displacement, _ = _linear_field(grid)
-    output.SetAndObserveTransformFromParent(
-        logic.grid_transform_from_displacement(displacement, grid))
-    try:
-        logic.read_request(logic.RegistrationRequest(fixed, moving))
-    except InputError as error:
-        assert "harden" in str(error), error
-    else:
-        raise AssertionError("a moving volume under a non-linear transform was accepted")
+    own.SetAndObserveTransformFromParent(logic.grid_transform_from_displacement(displacement, grid))
+    moving.SetAndObserveTransformNodeID(own.GetID())
+    refusal(lambda: logic.read_request(logic.RegistrationRequest(fixed, moving)), "harden")
+
+
+def test_register_again_starts_from_the_pre_alignment(workdir):
+    """After a result is shown on the moving volume, registering again (from a script, or from
+    the panel into the same outputs) reads the moving volume's own voxels in the frame of the
+    user's linear pre-alignment, not through the previous warp; nothing of the user's is lost."""
+    scene = slicer.mrmlScene
+    grid = Grid((8, 9, 10), oblique_lps_affine((2.0, 2.0, 2.0), (1.0, 2.0, 3.0)))
+    fixed, moving = _pair_on(grid)
+    voxels = slicer.util.arrayFromVolume(moving).copy()
+    mask = add_volume(np.ones(grid.shape, np.uint8), ijk_to_ras(moving), "moving mask",
+                      labels=True)
+    prealign = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "pre-alignment")
+    p = np.eye(4)
+    p[:3, :3] = rotation((1.0, 2.0, 0.5), 10.0)
+    p[:3, 3] = (3.0, -2.0, 1.0)
+    prealign.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(p))
+    for node in (moving, mask):
+        node.SetAndObserveTransformNodeID(prealign.GetID())
+
+    first = logic.RegistrationRequest(fixed, moving, movingMaskNode=mask, applyToMoving=True)
+    inputs = logic.read_request(first)
+    assert inputs.preAlignmentNode is prealign
+    assert np.allclose(inputs.initialAffine, np.linalg.inv(p), atol=1e-9)
+    displacement, _ = _linear_field(grid)
+    result = logic.apply_result(first, displacement, grid, np.ones(grid.shape, np.float32),
+                                np.zeros(grid.shape, np.float32), {"run": 1},
+                                inputs.preAlignmentNode)
+    transform = result.transformNode
+    assert moving.GetParentTransformNode() is transform
+    assert transform.GetNodeReference(logic.PRE_ALIGNMENT_ROLE) is prealign
+    mask.SetAndObserveTransformNodeID(transform.GetID())  # the mask may follow the volume
+
+    # Fast, then Accurate: from a script (new outputs) or the panel (the same outputs).
+    again = {"script": logic.RegistrationRequest(fixed, moving, movingMaskNode=mask),
+             "panel": logic.RegistrationRequest(fixed, moving, movingMaskNode=mask,
+                                                transformNode=transform,
+                                                jacobianVolumeNode=result.jacobianVolumeNode,
+                                                warpedVolumeNode=result.warpedVolumeNode,
+                                                applyToMoving=True)}
+    for name, request in again.items():
+        inputs = logic.read_request(request)
+        assert inputs.preAlignmentNode is prealign, name
+        assert np.allclose(inputs.initialAffine, np.linalg.inv(p), atol=1e-9), name
+        assert np.array_equal(inputs.moving.array, voxels.transpose(2, 1, 0)), name
+        assert np.allclose(inputs.moving.grid.affine, ijk_to_ras(moving), atol=1e-9), name
+        assert np.allclose(inputs.movingMask.grid.affine, ijk_to_ras(mask), atol=1e-9), name
+    count = scene.GetNumberOfNodes()
+    second = logic.apply_result(again["panel"], 2 * displacement, grid,
+                                np.ones(grid.shape, np.float32), np.ones(grid.shape, np.float32),
+                                {"run": 2}, inputs.preAlignmentNode)
+    assert scene.GetNumberOfNodes() == count, "the second run added nodes"
+    assert second.transformNode is transform and moving.GetParentTransformNode() is transform
+    assert np.allclose(slicer.util.arrayFromGridTransform(transform),
+                       2 * displacement.transpose(2, 1, 0, 3))
+    assert transform.GetNodeReference(logic.PRE_ALIGNMENT_ROLE) is prealign
+    assert scene.GetNodeByID(prealign.GetID()) is prealign
+
+    # The pre-alignment is the user's node, remembered even while it is the identity, and an
+    # edit of it is what the next run starts from.
+    identity = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "not moved yet")
+    third = add_volume(voxels.transpose(2, 1, 0), ijk_to_ras(moving), "a third moving")
+    third.SetAndObserveTransformNodeID(identity.GetID())
+    inputs = logic.read_request(logic.RegistrationRequest(fixed, third))
+    assert inputs.initialAffine is None and inputs.preAlignmentNode is identity
+    p[:3, 3] = (0.0, 5.0, 0.0)
+    prealign.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(p))
+    assert np.allclose(logic.read_request(again["script"]).initialAffine, np.linalg.inv(p))
+
+    # A result made for another volume is nobody's pre-alignment, and the user's own linear
+    # transform is never chosen as an output to overwrite.
+    other = add_volume(voxels.transpose(2, 1, 0), ijk_to_ras(moving), "another moving")
+    other.SetAndObserveTransformNodeID(transform.GetID())
+    third.SetAndObserveTransformNodeID(prealign.GetID())
+    for request, expected in ((logic.RegistrationRequest(fixed, other), "harden"),
+                              (logic.RegistrationRequest(fixed, third, transformNode=prealign),
+                               "starting alignment")):
+        refusal(lambda: logic.read_request(request), expected)
+
+    # The panel keeps one pair's outputs away from another pair's registration.
+    for node in (transform, result.jacobianVolumeNode, result.warpedVolumeNode):
+        assert not logic.made_for_another_pair(node, fixed, moving)
+        assert logic.made_for_another_pair(node, fixed, other)
+    assert not logic.made_for_another_pair(
+        scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "the user's own output"), fixed, other)
+
+
+def test_volume_choices_and_jacobian_colours(workdir):
+    """Only plain scalar volumes are offered for registration; the Jacobian map uses Slicer's
+    DivergingBlueRed table where the application loaded it, else a table made here (white at
+    J = 1, blue below, red above)."""
+    scene = slicer.mrmlScene
+    grid = Grid((8, 8, 8), np.eye(4))
+    plain = [add_volume(np.ones(grid.shape, np.float32), grid.affine, f"scalar {i}")
+             for i in range(2)]
+    add_volume(np.ones(grid.shape, np.int16), grid.affine, "labels", labels=True)
+    for cls in ("vtkMRMLVectorVolumeNode", "vtkMRMLDiffusionWeightedVolumeNode",
+                "vtkMRMLDiffusionTensorVolumeNode"):
+        scene.AddNewNodeByClass(cls, cls)
+    assert [n for n in logic.plain_scalar_volumes(scene) if n.GetName().startswith("scalar")] \
+        == plain
+    assert all(n.GetClassName() == "vtkMRMLScalarVolumeNode"
+               for n in logic.plain_scalar_volumes(scene))
+
+    slicer_id = slicer.vtkMRMLColorLogic.GetFileColorNodeID(logic.SLICER_DIVERGING_COLORS)
+    jacobian = add_volume(np.linspace(0, 2, 512, dtype=np.float32).reshape(grid.shape),
+                          grid.affine, "jacobian")
+    if scene.GetNodeByID(slicer_id) is None:  # slicer-core: no application colour logic
+        logic.show_jacobian_colors(jacobian)
+        own = jacobian.GetDisplayNode().GetColorNode()
+        assert own.GetName() == logic.JACOBIAN_COLOR_NODE_NAME
+        table = own.GetLookupTable()
+        blue, white, red = (np.array(table.GetTableValue(i)[:3]) for i in (0, 128, 255))
+        assert white.min() > 0.95 and blue[2] > blue[0] + 0.4 and red[0] > red[2] + 0.4
+        # What the application's colour logic adds (vtkMRMLColorLogic names file tables so).
+        table_node = slicer.vtkMRMLColorTableNode()
+        table_node.SetSingletonTag(
+            slicer.vtkMRMLColorLogic.GetFileColorNodeSingletonTag(logic.SLICER_DIVERGING_COLORS))
+        table_node.SetTypeToCool1()
+        scene.AddNode(table_node)
+        assert scene.GetNodeByID(slicer_id) is table_node
+    logic.show_jacobian_colors(jacobian)
+    display = jacobian.GetDisplayNode()
+    assert display.GetColorNodeID() == slicer_id
+    assert display.GetWindow() == 2.0 and display.GetLevel() == 1.0
 
 
 def test_bad_selections_change_nothing(workdir):
@@ -285,30 +414,11 @@ def test_bad_selections_change_nothing(workdir):
         ((fixed, moving), {"warpedVolumeNode": moving}, "moving volume"),
         ((fixed, moving), {"jacobianVolumeNode": fixed}, "fixed volume"),
     ]
-    registration = logic.LiquidRegLogic()
     for (fixed_node, moving_node), options, expected in cases:
         before = scene_state()
-        try:
-            registration.register(fixed_node, moving_node, device="cpu", **options)
-        except InputError as error:
-            message = str(error)
-            assert expected in message, f"{expected!r} not in {message!r}"
-            assert "\n" not in message and ";" in message, f"not a one-line problem; fix: {message}"
-        else:
-            raise AssertionError(f"accepted a bad selection ({expected})")
+        refusal(lambda: logic.register_nodes(fixed_node, moving_node, device="cpu", **options),
+                expected)
         assert scene_state() == before, f"the scene changed after refusing '{expected}'"
-
-
-def test_progress_lines(workdir):
-    """``--progress json`` lines become events; other output is ignored; status reads well."""
-    assert logic.parse_progress_line('{"stage": "network", "step": 1, "total": 2}\n') == \
-        {"stage": "network", "step": 1, "total": 2}
-    for noise in ("", "warning: something", "{not json", "[1, 2]"):
-        assert logic.parse_progress_line(noise) is None
-    percent, text = logic.describe_progress({"stage": "instance", "step": 5, "total": 50,
-                                             "message": "", "metrics": {"eta_s": 12.4}})
-    assert percent == 10 and text == "Fine-tuning on this pair (5/50), about 12 s left", text
-    assert logic.describe_progress({"stage": "affine", "step": 3, "total": None})[0] is None
 
 
 def test_finetune_inputs(workdir):
@@ -336,16 +446,11 @@ def test_finetune_inputs(workdir):
     refused = {"": "no file", str(workdir / "w.pth"): ".pt", str(existing): "already exists",
                str(default_weights().parent / "mine.pt"): "shipped"}
     for path, expected in refused.items():
-        try:
-            logic.check_new_weights_path(path)
-        except InputError as error:
-            assert expected in str(error), (expected, str(error))
-        else:
-            raise AssertionError(f"accepted {path!r} for new weights")
+        refusal(lambda: logic.check_new_weights_path(path), expected)
     new = logic.default_weights_path(workdir)
     assert logic.check_new_weights_path(new) == new
     command = logic.finetune_arguments(["--images", str(workdir)], new, steps=7, device="cpu")
-    assert command[:3] == ["finetune", "--images", str(workdir)] and "--progress" in command
+    assert command[:3] == ["finetune", "--images", str(workdir)] and "--steps" in command
 
 
 # ---- end to end, on the bundled sample pair ---------------------------------------------------
@@ -383,8 +488,8 @@ def _sample_pair(workdir):
     return nodes, files
 
 
-def _run_cli(arguments):
-    job = logic.CliJob(arguments)
+def _run_cli(workdir, arguments):
+    job = jobs.Job(jobs.liquidreg_command(arguments, workdir / "never-cancelled"))
     job.wait(timeout=600)
     status, detail = job.outcome()
     assert status == "done", f"liquidreg {arguments[0]} failed: {detail}"
@@ -420,16 +525,16 @@ def test_slicer_paths_match_command_line(workdir, weights=None):
     common = ["--device", "cpu", "--iterations", "0", "--no-affine",
               "--initial-affine", workdir / "initial.txt"]
     out = workdir / "cli"
-    job = _run_cli(["register", files["fixed"], files["moving"], "-o", out, "--progress", "json",
-                    "--no-png", *common] + (["--weights", weights] if weights else []))
+    job = _run_cli(workdir, ["register", files["fixed"], files["moving"], "-o", out, "--no-png",
+                             *common] + (["--weights", weights] if weights else []))
     stages = {event.get("stage") for event in job.events}
     assert "network" in stages and job.events[-1].get("event") == "done", job.events[-3:]
     warped_labels_path = workdir / "cli_labels.nrrd"
-    _run_cli(["apply", "--reference", files["fixed"], "--transform", out / RESULT_FILES["warp"],
+    _run_cli(workdir, ["apply", "--reference", files["fixed"], "--transform", out / RESULT_FILES["warp"],
               files["labels"], "-o", warped_labels_path, "--interpolation", "nearest"])
 
-    result = logic.LiquidRegLogic().register(nodes["fixed"], nodes["moving"], iterations=0,
-                                             device="cpu", affine=False, weights=weights,
+    result = logic.register_nodes(nodes["fixed"], nodes["moving"], iterations=0,
+                                  device="cpu", affine=False, weights=weights,
                                              applyToMoving=True)
     transform_node = result.transformNode
     assert nodes["moving"].GetParentTransformNode() is transform_node
@@ -483,8 +588,8 @@ def test_slicer_paths_match_command_line(workdir, weights=None):
     inputs = logic.read_request(mine)
     arguments = logic.register_arguments(
         logic.write_cli_inputs(inputs, workdir / "panel"), workdir / "panel" / "result",
-        device="cpu", affine=False, weights=weights)
-    _run_cli(arguments)
+        RegistrationOptions(device="cpu", affine=False, weights=weights), panel=True)
+    _run_cli(workdir, arguments)
     panel = logic.load_cli_result(mine, workdir / "panel" / "result")
     assert panel.transformNode is mine.transformNode
     assert panel.warpedVolumeNode is mine.warpedVolumeNode
@@ -493,20 +598,27 @@ def test_slicer_paths_match_command_line(workdir, weights=None):
     assert np.allclose(ijk_to_ras(panel.jacobianVolumeNode), fixed_matrix, atol=1e-4)
 
 
-def test_cancel_stops_the_command(workdir, weights=None):
-    """Cancel ends a running registration promptly and leaves no result behind."""
-    out = workdir / "cancelled"
+def test_cancel_stops_the_command(workdir, weights=None, python=None):
+    """Cancel stops the real worker itself, promptly, even through a launcher that forwards no
+    signals (``python``: the interpreter command, PythonSlicer inside Slicer): exit code 130, no
+    kill needed, no result left behind."""
+    out, cancel_file = workdir / "cancelled", workdir / "job.cancel"
     arguments = ["register", SAMPLE_DIR / "fixed_t1.nii.gz", SAMPLE_DIR / "moving_t1.nii.gz",
-                 "-o", out, "--device", "cpu", "--iterations", "500", "--progress", "json"]
-    job = logic.CliJob(arguments + (["--weights", weights] if weights else []))
-    job.wait(timeout=120, on_event=lambda event: job.cancel())
+                 "-o", out, "--device", "cpu", "--iterations", "500"]
+    arguments += ["--weights", weights] if weights else []
+    job = jobs.Job(jobs.liquidreg_command(arguments, cancel_file, python=python),
+                   cancel_file=cancel_file, kill_after_s=120)
+    job.wait(timeout=600, on_event=lambda event: job.cancel())
     status, detail = job.outcome()
     assert status == "cancelled", (status, detail)
     assert job.events, "no progress event arrived before cancelling"
+    assert not job.killed and job.process.returncode == 130, job.process.returncode
     assert not (out / RESULT_FILES["summary"]).exists()
 
 
 ALL_TESTS = [test_volume_from_node_oblique_lps, test_transform_node_reproduces_displacement,
              test_outputs_updated_in_place, test_parent_transforms_define_frames,
-             test_bad_selections_change_nothing, test_progress_lines, test_finetune_inputs,
+             test_register_again_starts_from_the_pre_alignment,
+             test_volume_choices_and_jacobian_colours,
+             test_bad_selections_change_nothing, test_finetune_inputs,
              test_slicer_paths_match_command_line, test_cancel_stops_the_command]
