@@ -16,7 +16,7 @@ from LiquidRegLib.metrics import dice_per_label, hd95_per_label, jacobian_stats,
 
 from conftest import ORIENTATIONS, build_grid, rotation, world_image, world_labels
 
-COMMANDS = ("register", "apply", "evaluate", "finetune")
+COMMANDS = ("register", "apply", "evaluate", "finetune", "batch")
 
 
 # ---- help ------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ object per line so other programs (the Slicer module) can drive the command as a
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import signal
@@ -52,7 +51,8 @@ class Reporter:
             self.close()
             self._stage = event.stage
             self._bar = tqdm(total=event.total, desc=event.stage, delay=1.0, file=sys.stderr,
-                             unit="step", dynamic_ncols=True, leave=True)
+                             unit="pair" if event.stage == "pairs" else "step",
+                             dynamic_ncols=True, leave=True)
         bar = self._bar
         if event.total is not None and event.total != bar.total:
             bar.total = event.total
@@ -61,6 +61,14 @@ class Reporter:
         bar.set_postfix_str(", ".join(([event.message] if event.message else []) + shown),
                             refresh=False)
         bar.update(max(event.step - bar.n, 0))
+
+    def pair(self, row: dict) -> None:
+        """One finished pair of a batch: a JSON line, or its error above the bar."""
+        if self.mode == "json":
+            self._emit({"event": "pair", **row})
+        elif self.mode == "bar" and row.get("error"):
+            from tqdm import tqdm
+            tqdm.write(f"{row['name']}: {row['status']}: {row['error']}", file=sys.stderr)
 
     def info(self, text: str) -> None:
         """A human message: stdout in bar mode, nowhere in json/none mode (stdout is data)."""
@@ -154,6 +162,58 @@ def run_register(args, reporter: Reporter) -> None:
     if isinstance(summary.get("pct_folding"), (int, float)):
         reporter.info(f"folding: {summary['pct_folding']:.4f} % of voxels")
     reporter.done(output=str(out), files={k: str(v) for k, v in paths.items()})
+
+
+# ---- batch -----------------------------------------------------------------------------------
+#: Instance-optimisation steps of --mode accurate.
+ACCURATE_ITERATIONS = 50
+
+
+def run_batch(args, reporter: Reporter) -> None:
+    from . import batch
+    from .errors import BatchIncomplete, Cancelled
+
+    if args.scheduler and args.workers is not None:
+        raise InputError("pass --workers (local processes) or --scheduler (a Dask cluster), not "
+                         "both; a cluster's size is set where its workers are started")
+    pairs = batch.read_pairs(args.pairs)
+    out = Path(args.output)
+    _check_output_dir(out)
+    iterations = args.iterations if args.iterations is not None else (
+        ACCURATE_ITERATIONS if args.mode == "accurate" else 0)
+    order = {pair.name: index for index, pair in enumerate(pairs)}
+    results = []  # kept in the order of PAIRS.csv
+    reporter(ProgressEvent("pairs", 0, len(pairs), "registering"))
+    try:
+        for result in batch.register_many(
+                pairs, out, workers=args.workers or 1, scheduler=args.scheduler,
+                threads=args.threads, overwrite=args.overwrite, png=not args.no_png,
+                iterations=iterations, device=args.device, affine=not args.no_affine,
+                weights=args.weights):
+            results.append(result)
+            results.sort(key=lambda r: order[r.name])
+            batch.write_table(results, out)
+            reporter.pair(result.row())
+            reporter(ProgressEvent("pairs", len(results), len(pairs), result.name,
+                                   {"failed": sum(not r.ok for r in results)}))
+    except KeyboardInterrupt:
+        if results:
+            batch.write_table(results, out)
+        raise Cancelled(f"cancelled by the user; the {sum(r.ok for r in results)} finished pairs "
+                        f"are kept in '{out}'; rerun the same command to finish the rest") from None
+    table = batch.write_table(results, out)
+    failed = [r for r in results if not r.ok]
+    resumed = sum(r.status == "resumed" for r in results)
+    reporter.info(f"{len(results) - len(failed)} of {len(results)} pairs registered "
+                  f"({resumed} complete from an earlier run), {len(failed)} failed; table: "
+                  f"{table['csv']}")
+    if failed:
+        raise BatchIncomplete(f"{len(failed)} of {len(results)} pairs failed (first: "
+                              f"{failed[0].name}: {failed[0].error}); each error is in "
+                              f"{table['csv']}: fix them and rerun the same command, finished "
+                              "pairs are kept and skipped")
+    reporter.done(output=str(out), table={k: str(v) for k, v in table.items()},
+                  pairs=len(results), resumed=resumed)
 
 
 # ---- apply -----------------------------------------------------------------------------------
@@ -268,44 +328,17 @@ def run_evaluate(args, reporter: Reporter) -> None:
 
 # ---- finetune --------------------------------------------------------------------------------
 def pairs_from_csv(csv_path) -> list[tuple]:
-    """PairSpec tuples from a CSV with columns fixed,moving[,fixed_labels,moving_labels].
-
-    Relative paths are taken relative to the CSV's folder, so a data set can be moved as a whole.
-    """
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise InputError(f"pairs file '{csv_path}' does not exist; check the path")
-    base = csv_path.parent
-    try:
-        with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (UnicodeDecodeError, csv.Error):
-        raise InputError(f"pairs file '{csv_path}' is not a readable CSV; write it as text with a "
-                         "header line 'fixed,moving,fixed_labels,moving_labels'") from None
-    columns = set(rows[0]) if rows else set()
-    if not {"fixed", "moving"} <= columns:
-        raise InputError(f"pairs file '{csv_path}' needs a header with columns 'fixed' and 'moving' "
-                         "(optionally 'fixed_labels' and 'moving_labels')")
+    """PairSpec tuples from a CSV with columns fixed,moving[,fixed_labels,moving_labels]."""
+    from .io import read_csv_table
+    columns = ("fixed", "moving", "fixed_labels", "moving_labels")
     pairs = []
-    for line, row in enumerate(rows, start=2):
-        spec = []
-        for column in ("fixed", "moving", "fixed_labels", "moving_labels"):
-            value = (row.get(column) or "").strip()
-            if not value:
-                if column in ("fixed", "moving"):
-                    raise InputError(f"{csv_path.name} line {line}: the '{column}' column is empty; "
-                                     "give an image path in every row")
-                spec.append(None)
-                continue
-            path = Path(value).expanduser()
-            path = path if path.is_absolute() else base / path
-            if not path.is_file():
-                raise InputError(f"{csv_path.name} line {line}: {column} '{value}' does not exist "
-                                 f"(looked for '{path}'); fix the path")
-            spec.append(path)
-        pairs.append(tuple(spec))
-    if not pairs:
-        raise InputError(f"pairs file '{csv_path}' has no rows; add one line per image pair")
+    for line, row in read_csv_table(csv_path, required=columns[:2], optional=columns[2:],
+                                    paths=columns):
+        for column in columns:
+            if row[column] is not None and not row[column].is_file():
+                raise InputError(f"{Path(csv_path).name} line {line}: {column} '{row[column]}' "
+                                 "does not exist; fix the path")
+        pairs.append(tuple(row[column] for column in columns))
     return pairs
 
 
@@ -410,6 +443,19 @@ EVALUATE_EXAMPLES = """examples:
   liquidreg evaluate a.nii.gz b.nii.gz --labels 17,53 --transform out/warp.nii.gz
       only the hippocampi"""
 
+BATCH_EXAMPLES = """examples:
+  liquidreg batch pairs.csv -o cohort/ --workers 2
+      pairs.csv has a header 'fixed,moving[,fixed_mask,moving_mask,output]'; relative paths are
+      relative to the CSV's folder; each pair gets cohort/<output>/ with the files of 'register'
+      (default name: <moving>_to_<fixed>) and cohort/batch_summary.csv/.json list every pair
+  liquidreg batch pairs.csv -o cohort/ --mode accurate --scheduler tcp://head-node:8786
+      one task per pair on an existing Dask cluster (pip install 'liquidreg[dask]'); the images
+      and OUT must be on a file system the workers share
+  liquidreg batch pairs.csv -o cohort/
+      rerun after a crash or a failed pair: complete results are kept and skipped
+
+exit code 0: every pair registered; 4: some pairs failed (each with its error in the table)."""
+
 FINETUNE_EXAMPLES = """examples:
   liquidreg finetune --pairs pairs.csv -o my_weights.pt --steps 300
       pairs.csv has a header 'fixed,moving[,fixed_labels,moving_labels]'; relative paths are
@@ -431,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                "-o warped_labels.nii.gz --interpolation nearest\n"
                "  liquidreg evaluate fixed_labels.nii.gz moving_labels.nii.gz --transform "
                "out/warp.nii.gz\n"
+               "  liquidreg batch pairs.csv -o cohort/ --workers 2\n"
                "  liquidreg finetune --pairs pairs.csv -o my_weights.pt")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -462,6 +509,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="W", help="network weights (default: the shipped ones)")
     p.add_argument("--no-png", action="store_true", help="do not render overview.png")
     p.set_defaults(run=run_register)
+
+    p = commands.add_parser(
+        "batch", parents=[common], formatter_class=_Formatter, epilog=BATCH_EXAMPLES,
+        help="register many pairs listed in a CSV (local processes or a Dask cluster)",
+        description=_paragraph("Register every pair listed in PAIRS.csv, each into its own result "
+                    "folder. Each worker loads the network once; a pair that fails is recorded "
+                    "with its error and the others go on; a rerun skips the pairs already done. "
+                    "A table of every pair (status, time, folding, similarity) is written as CSV "
+                    "and JSON."))
+    p.add_argument("pairs", metavar="PAIRS.csv",
+                   help="CSV with columns fixed,moving[,fixed_mask,moving_mask,output]")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output folder: one result folder per pair and the batch table")
+    p.add_argument("--mode", choices=("fast", "accurate"), default="fast",
+                   help=f"fast: network only; accurate: plus {ACCURATE_ITERATIONS} steps of "
+                        "instance optimisation per pair")
+    p.add_argument("--iterations", type=int, metavar="N",
+                   help="instance-optimisation steps per pair (overrides --mode)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="pairs registered at once in local processes (default 1: in this process)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="address of a Dask scheduler, e.g. tcp://host:8786: one task per pair on "
+                        "its workers")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads per worker (default: the cores shared among --workers; "
+                        "Dask workers keep their own setting)")
+    _device_option(p)
+    p.add_argument("--no-affine", action="store_true",
+                   help="skip the affine pre-alignment (images already aligned)")
+    p.add_argument("--weights", metavar="W", help="network weights (default: the shipped ones)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="register again the pairs that already have a result folder")
+    p.add_argument("--no-png", action="store_true", help="do not render overview.png")
+    p.set_defaults(run=run_batch)
 
     p = commands.add_parser(
         "apply", parents=[common], formatter_class=_Formatter, epilog=APPLY_EXAMPLES,

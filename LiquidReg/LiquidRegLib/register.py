@@ -43,8 +43,13 @@ def _similarity(pair, moving=None) -> float:
 
 def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool = True,
              initial_affine=None, fixed_mask=None, moving_mask=None, weights=None,
-             regularisation: float | None = None, progress=None, cancel=None) -> RegistrationResult:
-    """Register ``moving`` to ``fixed`` (``io.Volume``-like objects) and return the full mapping."""
+             regularisation: float | None = None, progress=None, cancel=None,
+             model=None) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` (``io.Volume``-like objects) and return the full mapping.
+
+    ``model``: a (network, info) pair from ``checkpoint.load_model`` to use instead of loading
+    ``weights``, so that a batch worker loads the network once for all its pairs.
+    """
     timings, started = {}, time.perf_counter()
     if int(iterations) < 0:
         raise InputError(f"--iterations must be 0 (network only) or more, not {iterations}")
@@ -59,7 +64,11 @@ def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool 
         if initial_affine.shape != (4, 4) or not np.isfinite(initial_affine).all():
             raise InputError("the initial affine must be a finite 4x4 matrix (RAS, fixed -> moving)")
     dev = resolve_device(device)
-    model, info = checkpoint.load_model(weights, dev)
+    if model is None:
+        model, info = checkpoint.load_model(weights, dev)
+    else:
+        model, info = model
+        model.to(dev)  # a CUDA out-of-memory retry of an earlier pair may have left it on the CPU
     timings["load"] = round(time.perf_counter() - started, 3)
     options = dict(affine=affine, initial_affine=initial_affine, fixed_mask=fixed_mask,
                    moving_mask=moving_mask, iterations=int(iterations),
