@@ -253,6 +253,42 @@ def test_killed_batch_resumes_and_its_workers_die_with_it(run_cli, cohort, tmp_p
     assert_loaded_once_per_worker(rows)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cancel_stops_the_workers_and_keeps_finished_pairs(cohort, tmp_path):
+    """SIGTERM (Slicer's Cancel, or Ctrl-C) mid-batch: exit 130, workers gone, nothing half
+    written, the table lists what finished."""
+    csv_path = write_csv(tmp_path / "pairs.csv", [("fixed", "moving", "output")] + [
+        (str(cohort / f"{f}.nii.gz"), str(cohort / f"{m}.nii.gz"), n) for f, m, n in
+        [("fixed", "moving", "a"), ("moving", "fixed", "b"), ("fixed_flip", "moving", "c"),
+         ("moving_flip", "fixed", "d"), ("fixed", "moving_flip", "e")]])
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "LiquidRegLib.cli", "batch", str(csv_path), "-o", str(out),
+         "--no-affine", "--no-png", "--device", "cpu", "--workers", "2", "--progress", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if json.loads(line).get("event") == "pair":
+            break
+    workers = _children(process.pid)
+    process.terminate()
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "rerun the same command" in stderr
+    assert json.loads(stdout.splitlines()[-1])["event"] == "error"
+    deadline = time.monotonic() + 2.0
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [Path(f"/proc/{pid}/cmdline").read_text() for pid in workers if _alive(pid)]
+    complete = set()
+    for name in "abcde":  # a pair is either complete or absent: nothing half written
+        folder = out / name
+        if folder.exists() and os.listdir(folder):
+            assert sorted(os.listdir(folder)) == FILES
+            complete.add(name)
+    rows, _ = table(out)
+    assert rows and all(r["status"] == "ok" for r in rows)
+    assert {r["name"] for r in rows} <= complete and len(complete) < 5
+
+
 def test_a_worker_that_dies_costs_only_its_pair(cohort, tmp_path):
     import multiprocessing
     pairs = [batch.Pair(cohort / f"{f}.nii.gz", cohort / f"{m}.nii.gz", f"p{i}")

@@ -259,8 +259,11 @@ def register_many(pairs: Iterable, out, *, workers: int = 1, scheduler=None,
     if threads is not None and int(threads) < 1:
         raise InputError(f"the number of threads per worker must be 1 or more, not {threads}")
     out = Path(out).expanduser().absolute()
-    if scheduler is None and workers > 1 and threads is None:
-        threads = max(1, _cpu_count() // int(workers))
+    if scheduler is None:  # here, a device this machine lacks is one error, not one per pair
+        from .devices import resolve_device
+        resolve_device(register_options.get("device", "auto"))
+        if workers > 1 and threads is None:
+            threads = max(1, _cpu_count() // int(workers))
     settings = Settings(dict(register_options), png, threads)
     pending = []
     for pair in pairs:
@@ -420,7 +423,7 @@ def _on_dask(pending: list[Pair], out: Path, settings: Settings, scheduler):
         client = scheduler
     batch = uuid.uuid4().hex[:8]
     futures = {client.submit(run_pair, pair, out, settings, key=f"liquidreg-{pair.name}-{batch}",
-                             pure=False, retries=0): pair for pair in pending}
+                             pure=False): pair for pair in pending}
     try:
         for future in as_completed(futures):
             pair = futures[future]

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -184,18 +185,19 @@ def run_batch(args, reporter: Reporter) -> None:
     order = {pair.name: index for index, pair in enumerate(pairs)}
     results = []  # kept in the order of PAIRS.csv
     reporter(ProgressEvent("pairs", 0, len(pairs), "registering"))
+    running = batch.register_many(
+        pairs, out, workers=args.workers or 1, scheduler=args.scheduler, threads=args.threads,
+        overwrite=args.overwrite, png=not args.no_png, iterations=iterations, device=args.device,
+        affine=not args.no_affine, weights=args.weights)
     try:
-        for result in batch.register_many(
-                pairs, out, workers=args.workers or 1, scheduler=args.scheduler,
-                threads=args.threads, overwrite=args.overwrite, png=not args.no_png,
-                iterations=iterations, device=args.device, affine=not args.no_affine,
-                weights=args.weights):
-            results.append(result)
-            results.sort(key=lambda r: order[r.name])
-            batch.write_table(results, out)
-            reporter.pair(result.row())
-            reporter(ProgressEvent("pairs", len(results), len(pairs), result.name,
-                                   {"failed": sum(not r.ok for r in results)}))
+        with closing(running):  # leaving early stops the workers at once
+            for result in running:
+                results.append(result)
+                results.sort(key=lambda r: order[r.name])
+                batch.write_table(results, out)
+                reporter.pair(result.row())
+                reporter(ProgressEvent("pairs", len(results), len(pairs), result.name,
+                                       {"failed": sum(not r.ok for r in results)}))
     except KeyboardInterrupt:
         if results:
             batch.write_table(results, out)
