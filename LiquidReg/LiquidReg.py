@@ -73,7 +73,7 @@ device="auto")</code> returns the transform, Jacobian and warped volume nodes.</
 LiquidReg uses PyTorch through the SlicerPyTorch extension (Fernando Perez-Garcia, Andras Lasso)
 and follows the conventions of 3D Slicer's registration modules. The sample pair is derived from
 the MNI ICBM152 2009a template and FreeSurfer's fsaverage; their terms are in
-Resources/Sample/LICENSES of the extension.
+LiquidRegLib/resources/sample/LICENSES of the extension.
 """)
 
 
@@ -370,12 +370,11 @@ class LiquidRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.fixedVolume, p.movingVolume, p.fixedMask, p.movingMask, p.outputTransform,
                 p.outputJacobian, p.outputWarped, p.applyToMoving)
             inputs = engine.read_request(self._request)
-            # --regularisation only when it differs from the engine's default (1.0).
-            regularisation = p.regularisation if accurate and p.regularisation != 1.0 else None
             return engine.register_arguments(
                 engine.write_cli_inputs(inputs, folder / "inputs"), folder / "result",
+                mode="accurate" if accurate else "fast",
                 iterations=p.iterations if accurate else 0, device=engine.DEVICES[p.device],
-                affine=p.affine, weights=p.weights or None, regularisation=regularisation)
+                affine=p.affine, weights=p.weights or None, regularisation=p.regularisation)
 
         prepared = self._prepare(build)
         if prepared is None:

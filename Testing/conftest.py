@@ -8,9 +8,7 @@ grids can then be checked against the truth.
 """
 from __future__ import annotations
 
-import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,28 +101,20 @@ def fake_engine(monkeypatch):
     """Replace ``register.register`` / ``train.finetune`` with stand-ins recording their calls.
 
     The CLI's own work (reading, validation, writing, progress, errors) is then tested without
-    running the network.  Works whether or not the real modules exist yet.
+    running the network.  ``calls["register"]["options"]`` is the RegistrationOptions received.
     """
-    import importlib
-
-    import LiquidRegLib
+    from LiquidRegLib import register, train
+    from LiquidRegLib.options import RegistrationOptions
 
     calls = {}
 
-    def install(module_name, function_name, function):
-        full = f"LiquidRegLib.{module_name}"
-        try:
-            module = importlib.import_module(full)
-        except ImportError:
-            module = types.ModuleType(full)
-            monkeypatch.setitem(sys.modules, full, module)
-            monkeypatch.setattr(LiquidRegLib, module_name, module, raising=False)
-        monkeypatch.setattr(module, function_name, function, raising=False)
-
-    def fake_register(fixed, moving, *, progress=None, **options):
+    def fake_register(fixed, moving, options=None, *, fixed_mask=None, moving_mask=None,
+                      progress=None, cancel=None, **settings):
         from LiquidRegLib.grid import resample
         from LiquidRegLib.progress import report
-        calls["register"] = dict(fixed=fixed, moving=moving, **options)
+        calls["register"] = dict(fixed=fixed, moving=moving, fixed_mask=fixed_mask,
+                                 moving_mask=moving_mask,
+                                 options=RegistrationOptions.of(options, **settings))
         behaviour = calls.get("register_behaviour")
         for step in range(3):
             report(progress, "network", step + 1, 3, "predicting", loss=0.5 - 0.1 * step)
@@ -142,12 +132,9 @@ def fake_engine(monkeypatch):
         calls["finetune"] = dict(pairs=pairs, output=output, **options)
         return {"steps": options.get("steps")}
 
-    install("register", "register", fake_register)
-    install("train", "finetune", fake_finetune)
+    monkeypatch.setattr(register, "register", fake_register)
+    monkeypatch.setattr(train, "finetune", fake_finetune)
     return calls
-
-
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Sample"
 
 
 def small_brain(kind: str, extent_mm=(112, 128, 112), spacing=2.0):
@@ -155,9 +142,10 @@ def small_brain(kind: str, extent_mm=(112, 128, 112), spacing=2.0):
     centre and resampled at ``spacing`` mm: a real brain small enough for fast engine tests."""
     from LiquidRegLib import io
     from LiquidRegLib.grid import resample
+    from LiquidRegLib.resources import sample_paths
 
-    t1 = io.read_volume(SAMPLE_DIR / f"{kind}_t1.nii.gz")
-    labels = io.read_volume(SAMPLE_DIR / f"{kind}_labels.nii.gz", dtype=None)
+    t1 = io.read_volume(sample_paths()[f"{kind}_t1"])
+    labels = io.read_volume(sample_paths()[f"{kind}_labels"], dtype=None)
     centre = t1.grid.voxel_to_ras(np.argwhere(labels.array > 0).mean(axis=0))
     shape = tuple(int(round(e / spacing)) for e in extent_mm)
     affine = np.diag([spacing, spacing, spacing, 1.0])

@@ -5,7 +5,6 @@ progress and cancel are honoured; a 1 mm brain-size pair is fast enough."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,8 +18,9 @@ from LiquidRegLib.affine import affine_register
 from LiquidRegLib.errors import Cancelled, InputError
 from LiquidRegLib.grid import Grid, resample
 from LiquidRegLib.io import read_volume
+from LiquidRegLib.resources import sample_paths
 
-SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "Sample"
+SAMPLE = sample_paths()
 
 
 # ---- a brain-like volume ----------------------------------------------------------------------
@@ -64,12 +64,10 @@ def head_phantom(shape=(193, 229, 193), spacing=1.0, seed=0) -> SimpleNamespace:
 
 @pytest.fixture(scope="module", params=["phantom", "sample"])
 def brain(request):
-    """The head phantom, and the bundled real brain (skull-stripped T1) when it is there."""
+    """The head phantom, and the bundled real brain (skull-stripped T1)."""
     if request.param == "phantom":
         return head_phantom((128, 152, 128), 1.5)
-    if not (SAMPLE / "fixed_t1.nii.gz").exists():
-        pytest.skip("no bundled sample brain in Resources/Sample")
-    return read_volume(SAMPLE / "fixed_t1.nii.gz")
+    return read_volume(SAMPLE["fixed_t1"])
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -139,10 +137,8 @@ def test_real_inter_subject_pair_agrees_with_label_centroid_fit():
     """Two different real brains (bundled sample), the moving one further rotated by 15 degrees and
     shifted by 20 mm: the answer must agree with the least-squares affine between the centroids
     of their 96 labelled structures (an independent, intensity-free estimate)."""
-    if not (SAMPLE / "moving_labels.nii.gz").exists():
-        pytest.skip("no bundled sample pair in Resources/Sample")
-    fixed, moving = (read_volume(SAMPLE / f"{r}_t1.nii.gz") for r in ("fixed", "moving"))
-    labels = [read_volume(SAMPLE / f"{r}_labels.nii.gz", dtype=None) for r in ("fixed", "moving")]
+    fixed, moving = (read_volume(SAMPLE[f"{r}_t1"]) for r in ("fixed", "moving"))
+    labels = [read_volume(SAMPLE[f"{r}_labels"], dtype=None) for r in ("fixed", "moving")]
     ids = np.intersect1d(*(np.unique(v.array) for v in labels))
     ids = ids[ids != 0]
     centroids = [v.grid.voxel_to_ras(np.array(ndimage.center_of_mass(v.array > 0, v.array, ids)))

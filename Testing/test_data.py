@@ -1,7 +1,7 @@
 """Training-data machinery: label scheme, synthesis, random deformations, pair sampler, sample pair.
 
 Everything here runs on small synthetic label maps (no network, no data folder), except the
-checks of the shipped sample pair in Resources/Sample.
+checks of the shipped sample pair.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from LiquidRegLib import diffeo
 from LiquidRegLib.data import labels as L
 from LiquidRegLib.data.deform import DeformConfig, random_deformation
 from LiquidRegLib.data.pairs import PairConfig, PairSampler
-from LiquidRegLib.data.sample import sample_paths
 from LiquidRegLib.data.subjects import Subject
 from LiquidRegLib.data.synth import SynthConfig, augment_image, synthesize
 from LiquidRegLib.grid import Grid
+from LiquidRegLib.resources import sample_paths
 
 QUIET = SynthConfig(label_std_max=0.0, background_zero_prob=0.0, blur_sigma_max=0.0,
                     bias_std=0.0, gamma_std=0.0, resolution_loss_prob=0.0, noise_std_max=0.0)

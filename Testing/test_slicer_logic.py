@@ -12,11 +12,10 @@ import pytest
 
 slicer = pytest.importorskip("slicer")  # the slicer-core wheel
 
-from LiquidRegLib import checkpoint, logic, slicer_tests  # noqa: E402
+from LiquidRegLib import logic, slicer_tests  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "LiquidReg"
-ENGINE_RUNS = {"test_slicer_paths_match_command_line", "test_cancel_stops_the_command"}
 
 
 @pytest.fixture
@@ -27,32 +26,9 @@ def scene():
     slicer.mrmlScene.Clear(1)
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """The shipped weights; until they exist, a seeded, randomly perturbed network, because these
-    checks compare Slicer's paths with the command line's on the same weights, whatever they are."""
-    if checkpoint.DEFAULT_WEIGHTS.is_file():
-        return None
-    import torch
-
-    from LiquidRegLib.model import LiquidReg, ModelConfig
-
-    generator = torch.Generator().manual_seed(0)
-    model = LiquidReg(ModelConfig())
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    path = tmp_path_factory.mktemp("weights") / "perturbed.pt"
-    checkpoint.save_weights(path, model)
-    return path
-
-
 @pytest.mark.parametrize("body", slicer_tests.ALL_TESTS, ids=lambda body: body.__name__)
-def test_shared_body(body, scene, tmp_path, request):
-    if body.__name__ in ENGINE_RUNS:
-        body(tmp_path, weights=request.getfixturevalue("weights"))
-    else:
-        body(tmp_path)
+def test_shared_body(body, scene, tmp_path):
+    body(tmp_path)  # the engine runs use the shipped weights
 
 
 def _module_source():
@@ -99,18 +75,23 @@ def test_module_never_imports_torch_when_loaded():
 
 
 def test_cmake_lists_every_file():
-    """The module CMakeLists.txt installs every Python file, UI resource and engine data file."""
+    """The module CMakeLists.txt installs every Python file and UI resource by name, and the
+    engine's package data (which holds no code) beside the engine, where the wheel puts it."""
     listed = (MODULE / "CMakeLists.txt").read_text()
+    package_data = MODULE / "LiquidRegLib" / "resources"
     engine = [path for path in (MODULE / "LiquidRegLib").rglob("*.py")
               if "__pycache__" not in path.parts]
+    assert engine and not [p for p in engine if package_data in p.parents]
     expected = [path.relative_to(MODULE).as_posix() for path in engine]
     expected += [path.relative_to(MODULE).as_posix().replace("LiquidReg", "${MODULE_NAME}")
                  for path in (MODULE / "Resources").rglob("*") if path.is_file()]
-    expected += [path.relative_to(ROOT / "Resources").as_posix()
-                 for path in (ROOT / "Resources").rglob("*") if path.is_file()]
     missing = [name for name in expected
                if not re.search(rf"^\s*{re.escape(name)}\s*$", listed, re.M)]
     assert not missing, f"add to LiquidReg/CMakeLists.txt: {missing}"
+    glob = re.search(r"file\(GLOB_RECURSE (\w+) RELATIVE \$\{CMAKE_CURRENT_SOURCE_DIR\}\s+"
+                     r"\$\{CMAKE_CURRENT_SOURCE_DIR\}/LiquidRegLib/resources/\*\)", listed)
+    assert glob and f"list(APPEND MODULE_PYTHON_RESOURCES ${{{glob.group(1)}}})" in listed
+    assert any(package_data.rglob("*.pt")) and any(package_data.rglob("*.nii.gz"))
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in listed
 
 

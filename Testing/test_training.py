@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from LiquidRegLib import checkpoint, diffeo, losses, train
-from LiquidRegLib.errors import Cancelled, TrainingDiverged, WeightsError
+from LiquidRegLib.errors import Cancelled, InputError, TrainingDiverged, WeightsError
 from LiquidRegLib.model import LiquidReg, ModelConfig
+from LiquidRegLib.resources import default_weights
 
 SHAPE = (32, 32, 32)
 
@@ -227,14 +228,27 @@ def test_finetune_writes_new_weights_and_never_the_shipped_ones(tmp_path, small_
     for path, volume in zip(pair, (small_brain_pair[0], small_brain_pair[2],
                                    small_brain_pair[1], small_brain_pair[3])):
         io.write_volume(path, volume.array, volume.grid)
-    with pytest.raises(Exception, match="shipped weights"):
-        train.finetune([pair], checkpoint.DEFAULT_WEIGHTS, steps=1, weights=start, device="cpu")
+    shipped = default_weights()
+    shipped_bytes = shipped.read_bytes()
+    with pytest.raises(InputError, match="shipped"):
+        train.finetune([pair], shipped, steps=1, weights=start, device="cpu", overwrite=True)
+    assert shipped.read_bytes() == shipped_bytes
+    existing = tmp_path / "tuned.pt"
+    existing.write_bytes(b"the user's file")
+    with pytest.raises(InputError, match="already exists"):
+        train.finetune([pair], existing, steps=1, weights=start, device="cpu")
+    assert existing.read_bytes() == b"the user's file"
     events = []
-    summary = train.finetune([pair], tmp_path / "tuned.pt", steps=2, weights=start, device="cpu",
-                             progress=events.append)
+    summary = train.finetune([pair], existing, steps=2, weights=start, device="cpu",
+                             overwrite=True, progress=events.append)
     assert summary["steps"] == 2 and summary["skipped"] == 0
-    tuned, info = checkpoint.load_model(tmp_path / "tuned.pt")
+    tuned, info = checkpoint.load_model(existing)
+    start_info = checkpoint.load_model(start)[1]
     assert info["meta"]["finetuned_from"]["sha256"] == checkpoint.load(start, "weights")[1]
+    # summary.json of a registration with these weights says they are fine-tuned, and from what
+    named = checkpoint.model_summary(info)
+    assert named["name"] == f"{start_info['name']}-finetuned" != start_info["name"]
+    assert named["finetuned_from"]["sha256"] == start_info["sha256"]
     original = small_model().state_dict()
     assert any(not torch.equal(v, original[k]) for k, v in tuned.state_dict().items())
     assert {e.stage for e in events} >= {"prepare", "finetune"}

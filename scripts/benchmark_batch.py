@@ -30,14 +30,13 @@ def make_images(folder: Path) -> dict:
     """The sample's T1s and simple variants of them, as files; {name: path}."""
     import numpy as np
 
-    from LiquidRegLib import io
-    from LiquidRegLib.data.sample import sample_paths
+    from LiquidRegLib import io, resources
     from LiquidRegLib.grid import Grid, resample
 
     folder.mkdir(parents=True, exist_ok=True)
     images = {}
     for role in ("fixed", "moving"):
-        volume = io.read_volume(sample_paths()[f"{role}_t1"])
+        volume = io.read_volume(resources.sample_paths()[f"{role}_t1"])
         grid = volume.grid
         left_right = int(np.argmax(np.abs(grid.affine[0, :3])))  # the array axis along R-L
         shifted = grid.affine.copy()

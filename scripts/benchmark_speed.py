@@ -48,7 +48,7 @@ def brain_grid(source_grid, shape, spacing: float = 1.0):
 def write_pair(folder: Path, shape, spacing: float = 1.0) -> tuple[Path, Path]:
     """The sample pair resampled onto ``shape`` voxels of ``spacing`` mm (zero padded/cropped)."""
     from LiquidRegLib import io
-    from LiquidRegLib.data.sample import sample_paths
+    from LiquidRegLib.resources import sample_paths
     from LiquidRegLib.grid import resample
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 """Fetch the real brains used for training and benchmarking into a local folder (see DATA.md).
 
     python scripts/fetch_data.py --out data/                  # all subjects + data/manifest.json
-    python scripts/fetch_data.py --out data/ --sample Resources/Sample   # + remake the sample pair
+    python scripts/fetch_data.py --out data/ --sample LiquidReg/LiquidRegLib/resources/sample   # + remake the sample pair
 """
 import argparse
 import sys

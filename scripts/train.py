@@ -32,6 +32,7 @@ from LiquidRegLib.data.deform import DeformConfig
 from LiquidRegLib.data.pairs import PairSampler
 from LiquidRegLib.model import LiquidReg, ModelConfig
 from LiquidRegLib.devices import resolve_device, reuse_freed_memory
+from LiquidRegLib.resources import default_weights
 
 
 #: Registration runs after the affine stage, so pairs only need the affine residual.
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
                         help="working-grid crop (voxels at the model's spacing), centred on the brain")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    parser.add_argument("--export", default=str(checkpoint.DEFAULT_WEIGHTS))
+    parser.add_argument("--export", default=str(default_weights()))
     parser.add_argument("--export-every", type=int, default=100)
     parser.add_argument("--checkpoint-every", type=int, default=25)
     parser.add_argument("--labels-per-step", type=int, default=12,

@@ -16,11 +16,12 @@ import json
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import InputError, LiquidRegError
+from .options import RegistrationOptions
 
 #: The cohort table, written into the batch's output folder.
 TABLE_CSV, TABLE_JSON = "batch_summary.csv", "batch_summary.json"
@@ -141,14 +142,16 @@ def _unique(pairs: list[Pair]) -> None:
 class Settings:
     """How every pair of a batch is registered (sent to the workers with each pair)."""
 
-    register: dict = field(default_factory=dict)  # keyword arguments of register.register
+    options: RegistrationOptions
     png: bool = True
-    threads: int | None = None                    # torch threads per worker (None: as set up)
+    threads: int | None = None  # torch threads per worker (None: as the worker is set up)
 
     def request(self, pair: Pair) -> dict:
-        """What a result folder must have been made from to be reused (device aside)."""
-        options = {k: v for k, v in self.register.items() if k != "device"}
-        return json.loads(json.dumps({"inputs": pair.inputs(), "options": options}, default=str))
+        """What a result folder must have been made from to be reused (the device aside)."""
+        weights = self.options.weights
+        options = {**self.options.summary(),
+                   "weights": None if weights is None else str(Path(weights).absolute())}
+        return json.loads(json.dumps({"inputs": pair.inputs(), "options": options}))
 
 
 _MODELS: dict = {}  # (weights, device) -> (network, info): each worker process loads it once
@@ -168,10 +171,10 @@ def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_pair(pair: Pair, out, settings: Settings, device=None) -> PairResult:
+def run_pair(pair: Pair, out, settings: Settings, device: str | None = None) -> PairResult:
     """Register one pair into ``out/<name>``; a failure is returned as a row, never raised.
 
-    ``device`` overrides the settings' device (a local worker's own GPU).  Ctrl-C and
+    ``device`` overrides the options' device (a local worker's own GPU).  Ctrl-C and
     termination still propagate: they stop the batch, not the pair.
     """
     from . import register as registration
@@ -181,9 +184,7 @@ def run_pair(pair: Pair, out, settings: Settings, device=None) -> PairResult:
     started = time.perf_counter()
     folder = Path(out) / pair.name
     loaded = False
-    options = dict(settings.register)
-    if device is not None:
-        options["device"] = device
+    options = settings.options if device is None else replace(settings.options, device=device)
     try:
         if settings.threads:
             import torch
@@ -193,11 +194,9 @@ def run_pair(pair: Pair, out, settings: Settings, device=None) -> PairResult:
         masks = {role: read_volume(path, name=f"{role} mask", dtype=None)
                  for role, path in (("fixed", pair.fixed_mask), ("moving", pair.moving_mask))
                  if path is not None}
-        dev = resolve_device(options.pop("device", "auto"))
-        model, loaded = _network(options.get("weights"), dev)
-        result = registration.register(fixed, moving, device=dev, model=model,
-                                       fixed_mask=masks.get("fixed"),
-                                       moving_mask=masks.get("moving"), **options)
+        model, loaded = _network(options.weights, resolve_device(options.device))
+        result = registration.register(fixed, moving, options, fixed_mask=masks.get("fixed"),
+                                       moving_mask=masks.get("moving"), model=model)
         result.summary["request"] = settings.request(pair)
         save_result(result, folder, png=settings.png, fixed=fixed, moving=moving)
     except Exception as error:  # this pair only: bad input, or a bug or out-of-memory on it
@@ -239,9 +238,9 @@ def _earlier(pair: Pair, out: Path, settings: Settings, overwrite: bool) -> Pair
 
 
 # ---- the API ---------------------------------------------------------------------------------
-def register_many(pairs: Iterable, out, *, workers: int = 1, scheduler=None,
-                  threads: int | None = None, overwrite: bool = False, png: bool = True,
-                  **register_options) -> Iterator[PairResult]:
+def register_many(pairs: Iterable, out, options: RegistrationOptions | None = None, *,
+                  workers: int = 1, scheduler=None, threads: int | None = None,
+                  overwrite: bool = False, png: bool = True, **settings) -> Iterator[PairResult]:
     """Register every pair into ``out/<pair name>``; yield a :class:`PairResult` as each finishes.
 
     ``pairs``: :class:`Pair` objects or (fixed, moving) tuples.  ``workers``: local processes
@@ -249,9 +248,11 @@ def register_many(pairs: Iterable, out, *, workers: int = 1, scheduler=None,
     ``distributed.Client``; one task per pair.  ``threads``: torch threads per worker (default:
     this machine's cores shared among the local workers; Dask workers keep their own setting).
     Pairs whose result is complete from an earlier run with the same inputs and settings are
-    yielded first, as "resumed", and not run again unless ``overwrite``.  Other keyword
-    arguments go to :func:`LiquidRegLib.register.register` (iterations, device, weights, ...).
+    yielded first, as "resumed", and not run again unless ``overwrite``.  ``options`` and
+    ``settings`` say how each pair is registered, as for :func:`LiquidRegLib.register.register`
+    (e.g. ``mode="accurate", device="cuda"``).
     """
+    options = RegistrationOptions.of(options, **settings)
     pairs = [p if isinstance(p, Pair) else Pair(*p) for p in pairs]
     _unique(pairs)
     if int(workers) < 1:
@@ -261,13 +262,13 @@ def register_many(pairs: Iterable, out, *, workers: int = 1, scheduler=None,
     out = Path(out).expanduser().absolute()
     if scheduler is None:  # here, a device this machine lacks is one error, not one per pair
         from .devices import resolve_device
-        resolve_device(register_options.get("device", "auto"))
+        resolve_device(options.device)
         if workers > 1 and threads is None:
             threads = max(1, _cpu_count() // int(workers))
-    settings = Settings(dict(register_options), png, threads)
+    run = Settings(options, png, threads)
     pending = []
     for pair in pairs:
-        earlier = _earlier(pair, out, settings, overwrite)
+        earlier = _earlier(pair, out, run, overwrite)
         if earlier is None:
             pending.append(pair)
         else:
@@ -276,12 +277,12 @@ def register_many(pairs: Iterable, out, *, workers: int = 1, scheduler=None,
         return
     out.mkdir(parents=True, exist_ok=True)
     if scheduler is not None:
-        yield from _on_dask(pending, out, settings, scheduler)
+        yield from _on_dask(pending, out, run, scheduler)
     elif workers == 1:
         for pair in pending:
-            yield run_pair(pair, out, settings)
+            yield run_pair(pair, out, run)
     else:
-        yield from _on_processes(pending, out, settings, int(workers))
+        yield from _on_processes(pending, out, run, int(workers))
 
 
 def _cpu_count() -> int:
@@ -324,8 +325,7 @@ def _die_with(parent: int) -> None:
 
 def _worker_device(settings: Settings, slot: int):
     """One GPU per local worker when there are several (worker k takes GPU k mod n)."""
-    device = str(settings.register.get("device", "auto"))
-    if device not in ("auto", "cuda"):
+    if settings.options.device not in ("auto", "cuda"):
         return None
     import torch
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0

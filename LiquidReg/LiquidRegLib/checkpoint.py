@@ -17,30 +17,29 @@ import torch
 
 from .errors import WeightsError
 from .model import LiquidReg, ModelConfig
+from .resources import default_weights
 
 FORMAT = "liquidreg"
 FORMAT_VERSION = 1
 MODEL_NAME = "liquidreg_brain"
 MODEL_VERSION = "1"
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-#: The shipped weights.  Fine-tuning never writes here.
-DEFAULT_WEIGHTS = _REPO_ROOT / "Resources" / "Weights" / f"{MODEL_NAME}_v{MODEL_VERSION}.pt"
 
-
-def _write_durably(path, data: bytes) -> None:
-    """Atomic (temp file + rename, via io.atomic_output) and fsync'ed before the rename."""
+def _write_durably(path, data: bytes, replace: bool = True) -> None:
+    """Atomic (temp file + rename, via io.atomic_output) and fsync'ed before the rename; with
+    ``replace`` off an existing file is never replaced, even one created meanwhile."""
     from .io import atomic_output
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
+    with atomic_output(path, replace=replace) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
 
 
-def save(path, content: dict, kind: str) -> str:
-    """Save ``content`` (tensors, numbers, strings, dicts) as a checksummed envelope; returns sha256."""
+def save(path, content: dict, kind: str, *, replace: bool = True) -> str:
+    """Save ``content`` (tensors, numbers, strings, dicts) as a checksummed envelope; returns sha256.
+    ``replace=False``: never over an existing file."""
     buffer = io.BytesIO()
     torch.save(content, buffer)
     payload = buffer.getvalue()
@@ -48,7 +47,7 @@ def save(path, content: dict, kind: str) -> str:
     envelope = io.BytesIO()
     torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
                 "sha256": digest, "payload": payload}, envelope)
-    _write_durably(path, envelope.getvalue())
+    _write_durably(path, envelope.getvalue(), replace)
     return digest
 
 
@@ -56,8 +55,7 @@ def load(path, kind: str) -> tuple[dict, str]:
     """Load and verify an envelope written by :func:`save`; returns (content, sha256)."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file '{path}' does not exist; pass an existing file with "
-                           f"--weights or reinstall LiquidReg to restore the shipped weights")
+        raise WeightsError(f"weights file '{path}' does not exist; check the path")
     try:
         envelope = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -80,16 +78,20 @@ def load(path, kind: str) -> tuple[dict, str]:
     return content, digest
 
 
-def save_weights(path, model: LiquidReg, meta: dict | None = None) -> str:
+def save_weights(path, model: LiquidReg, meta: dict | None = None, *, name: str = MODEL_NAME,
+                 version: str = MODEL_VERSION, replace: bool = True) -> str:
     """Save inference weights (config + state dict + free-form metadata such as the recipe)."""
-    return save(path, {"name": MODEL_NAME, "version": MODEL_VERSION,
+    return save(path, {"name": name, "version": version,
                        "config": model.config.to_dict(), "state_dict": model.state_dict(),
-                       "meta": dict(meta or {})}, kind="weights")
+                       "meta": dict(meta or {})}, kind="weights", replace=replace)
 
 
 def load_model(weights=None, device="cpu") -> tuple[LiquidReg, dict]:
     """Build the network from a weights file (default: the shipped one); returns (model, info)."""
-    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+    path = Path(weights) if weights is not None else default_weights()
+    if weights is None and not path.is_file():
+        raise WeightsError(f"the weights shipped with LiquidReg are missing from this installation "
+                           f"('{path}'); reinstall LiquidReg, or pass a weights file")
     content, digest = load(path, kind="weights")
     try:
         model = LiquidReg(ModelConfig.from_dict(content["config"]))
@@ -101,3 +103,13 @@ def load_model(weights=None, device="cpu") -> tuple[LiquidReg, dict]:
     info = {"name": content.get("name", MODEL_NAME), "version": content.get("version", "?"),
             "sha256": digest, "path": str(path), "meta": content.get("meta", {})}
     return model, info
+
+
+def model_summary(info: dict) -> dict:
+    """How summary.json names the weights a registration used (and, for fine-tuned weights, the
+    weights they were made from)."""
+    summary = {k: info[k] for k in ("name", "version", "sha256", "path")}
+    origin = (info.get("meta") or {}).get("finetuned_from")
+    if origin:
+        summary["finetuned_from"] = origin
+    return summary

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, LiquidRegError
+from .options import ACCURATE_ITERATIONS, DEFAULT_REGULARISATION, MODES, RegistrationOptions
 from .progress import ProgressEvent
 
 PROG = "liquidreg"
@@ -97,15 +98,12 @@ class Reporter:
 # ---- shared helpers --------------------------------------------------------------------------
 def _sample_pair() -> tuple[Path, Path]:
     """The bundled sample pair, used when FIXED and MOVING are omitted."""
-    try:
-        from .data.sample import sample_paths
-        paths = sample_paths()
-        fixed, moving = paths["fixed_t1"], paths["moving_t1"]
-    except (ImportError, KeyError):
-        fixed = moving = None
-    if fixed is None or not fixed.is_file() or not moving.is_file():
-        raise InputError("no FIXED and MOVING images were given and the bundled sample pair is not "
-                         "installed; pass FIXED and MOVING image files")
+    from .resources import sample_paths
+    paths = sample_paths()
+    fixed, moving = paths["fixed_t1"], paths["moving_t1"]
+    if not fixed.is_file() or not moving.is_file():
+        raise InputError("no FIXED and MOVING images were given and the bundled sample pair is "
+                         "missing from this installation; pass FIXED and MOVING image files")
     return fixed, moving
 
 
@@ -128,9 +126,37 @@ def _check_output_file(out: Path, what: str) -> None:
 
 
 # ---- register --------------------------------------------------------------------------------
+def registration_options(args) -> RegistrationOptions:
+    """The register command's options as the engine takes them (the inverse of
+    :func:`option_arguments`)."""
+    from .io import read_affine
+    initial = read_affine(args.initial_affine) if args.initial_affine else None
+    return RegistrationOptions(mode=args.mode, iterations=args.iterations,
+                               regularisation=args.regularisation, affine=not args.no_affine,
+                               initial_affine=initial, weights=args.weights, device=args.device)
+
+
+def option_arguments(options: RegistrationOptions) -> list[str]:
+    """``liquidreg register`` arguments that give ``options`` (defaults left out).  A matrix
+    cannot travel on a command line: an initial affine goes in a file (``--initial-affine``)."""
+    if options.initial_affine is not None:
+        raise ValueError("write the initial affine to a file and pass --initial-affine FILE")
+    defaults = RegistrationOptions()
+    arguments = ["--mode", options.mode, "--device", options.device]
+    if options.iterations is not None:
+        arguments += ["--iterations", str(options.iterations)]
+    if options.regularisation != defaults.regularisation:
+        arguments += ["--regularisation", repr(options.regularisation)]
+    if not options.affine:
+        arguments.append("--no-affine")
+    if options.weights is not None:
+        arguments += ["--weights", str(options.weights)]
+    return arguments
+
+
 def run_register(args, reporter: Reporter) -> None:
     from . import register as registration
-    from .io import read_affine, read_volume, save_result
+    from .io import read_volume, save_result
     from .validate import check_overlap
 
     if (args.fixed is None) != (args.moving is None):
@@ -138,24 +164,18 @@ def run_register(args, reporter: Reporter) -> None:
                          "pair)")
     fixed_path, moving_path = ((args.fixed, args.moving) if args.fixed is not None
                                else _sample_pair())
-    if args.regularisation is not None and not (np.isfinite(args.regularisation)
-                                                and args.regularisation >= 0):
-        raise InputError(f"--regularisation must be a number >= 0, not {args.regularisation}; "
-                         "e.g. --regularisation 2 for a smoother warp")
+    options = registration_options(args)
     out = Path(args.output)
     _check_output_dir(out)
     fixed = read_volume(fixed_path, name="fixed image")
     moving = read_volume(moving_path, name="moving image")
     masks = {role: read_volume(path, name=f"{role} mask", dtype=None)
              for role, path in (("fixed", args.fixed_mask), ("moving", args.moving_mask)) if path}
-    initial = read_affine(args.initial_affine) if args.initial_affine else None
-    if args.no_affine or initial is not None:  # fail before loading the network
-        check_overlap(fixed, moving, initial)
+    if not options.affine or options.initial_affine is not None:  # fail before loading the network
+        check_overlap(fixed, moving, options.initial_affine)
     # register() validates images and masks itself (for every caller: CLI, Slicer, scripts).
-    result = registration.register(
-        fixed, moving, iterations=args.iterations, device=args.device, affine=not args.no_affine,
-        initial_affine=initial, fixed_mask=masks.get("fixed"), moving_mask=masks.get("moving"),
-        weights=args.weights, regularisation=args.regularisation, progress=reporter, cancel=None)
+    result = registration.register(fixed, moving, options, fixed_mask=masks.get("fixed"),
+                                   moving_mask=masks.get("moving"), progress=reporter)
     paths = save_result(result, out, png=not args.no_png, fixed=fixed, moving=moving,
                         progress=reporter)
     summary = getattr(result, "summary", None) or {}
@@ -166,10 +186,6 @@ def run_register(args, reporter: Reporter) -> None:
 
 
 # ---- batch -----------------------------------------------------------------------------------
-#: Instance-optimisation steps of --mode accurate.
-ACCURATE_ITERATIONS = 50
-
-
 def run_batch(args, reporter: Reporter) -> None:
     from . import batch
     from .errors import BatchIncomplete, Cancelled
@@ -177,18 +193,16 @@ def run_batch(args, reporter: Reporter) -> None:
     if args.scheduler and args.workers is not None:
         raise InputError("pass --workers (local processes) or --scheduler (a Dask cluster), not "
                          "both; a cluster's size is set where its workers are started")
+    options = registration_options(args)
     pairs = batch.read_pairs(args.pairs)
     out = Path(args.output)
     _check_output_dir(out)
-    iterations = args.iterations if args.iterations is not None else (
-        ACCURATE_ITERATIONS if args.mode == "accurate" else 0)
     order = {pair.name: index for index, pair in enumerate(pairs)}
     results = []  # kept in the order of PAIRS.csv
     reporter(ProgressEvent("pairs", 0, len(pairs), "registering"))
-    running = batch.register_many(
-        pairs, out, workers=args.workers or 1, scheduler=args.scheduler, threads=args.threads,
-        overwrite=args.overwrite, png=not args.no_png, iterations=iterations, device=args.device,
-        affine=not args.no_affine, weights=args.weights)
+    running = batch.register_many(pairs, out, options, workers=args.workers or 1,
+                                  scheduler=args.scheduler, threads=args.threads,
+                                  overwrite=args.overwrite, png=not args.no_png)
     try:
         with closing(running):  # leaving early stops the workers at once
             for result in running:
@@ -358,21 +372,16 @@ def pairs_from_folder(folder) -> list[tuple]:
 
 
 def run_finetune(args, reporter: Reporter) -> None:
-    from . import checkpoint
     from . import train
+    from .resources import check_new_weights_path
 
-    out = Path(args.output)
-    if out.resolve() == Path(checkpoint.DEFAULT_WEIGHTS).resolve():
-        raise InputError(f"refusing to overwrite the shipped weights '{out}'; pass another output "
-                         "file, e.g. -o my_weights.pt")
-    if out.exists() and not args.overwrite:
-        raise InputError(f"output '{out}' already exists; choose a new file name or add "
-                         "--overwrite")
+    out = check_new_weights_path(args.output, overwrite=args.overwrite)  # before any work
     _check_output_file(out, "weights")
     pairs = pairs_from_csv(args.pairs) if args.pairs else pairs_from_folder(args.images)
     reporter.info(f"fine-tuning on {len(pairs)} pair(s) for {args.steps} steps")
     summary = train.finetune(pairs, out, steps=args.steps, weights=args.weights,
-                             device=args.device, progress=reporter, cancel=None)
+                             device=args.device, overwrite=args.overwrite, progress=reporter,
+                             cancel=None)
     reporter.info(f"wrote {out}")
     reporter.done(output=str(out), summary=summary)
 
@@ -412,14 +421,30 @@ def _device_option(parser) -> None:
                         help="where to compute; auto uses a GPU when one is available")
 
 
+def _registration_options(p) -> None:
+    """The options of RegistrationOptions that register and batch share."""
+    _device_option(p)
+    p.add_argument("--mode", choices=MODES, default="fast",
+                   help="fast: the network alone (seconds); accurate: the network, then "
+                        f"{ACCURATE_ITERATIONS} optimisation steps on this pair")
+    p.add_argument("--iterations", type=int, metavar="N",
+                   help="for experts: this many optimisation steps instead of the mode's "
+                        "(0 = network only)")
+    p.add_argument("--regularisation", type=float, default=DEFAULT_REGULARISATION, metavar="W",
+                   help="smoothness weight of the optimisation steps (higher = smoother)")
+    p.add_argument("--no-affine", action="store_true",
+                   help="skip the affine pre-alignment (images already aligned)")
+    p.add_argument("--weights", metavar="W", help="network weights (default: the shipped ones)")
+
+
 REGISTER_EXAMPLES = """examples:
   liquidreg register fixed.nii.gz moving.nii.gz -o out/
       affine + deformable registration; writes out/warped.nii.gz, warp.nii.gz (ITK/ANTs
       displacement field), inverse_warp.nii.gz, jacobian.nii.gz, summary.json, overview.png
   liquidreg register -o demo/
       register the bundled sample pair (two real brains)
-  liquidreg register fixed.nrrd moving.nrrd -o out/ --iterations 50 --fixed-mask brain.nrrd
-      refine the network's answer with 50 optimisation steps inside a brain mask
+  liquidreg register fixed.nrrd moving.nrrd -o out/ --mode accurate --fixed-mask brain.nrrd
+      refine the network's answer on this pair, inside a brain mask
   liquidreg register fixed.nii.gz moving.nii.gz -o out/ --no-affine --initial-affine rigid.txt
       images already roughly aligned by another tool (4x4 RAS text or ITK .txt/.mat)
 
@@ -496,19 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("moving", nargs="?", metavar="MOVING", help="moving image, deformed onto FIXED")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output folder (created if needed; existing unrelated files are kept)")
-    _device_option(p)
-    p.add_argument("--iterations", type=int, default=0, metavar="N",
-                   help="instance-optimisation steps after the network (0 = network only, fastest)")
-    p.add_argument("--regularisation", type=float, metavar="W",
-                   help="smoothness weight for --iterations (higher = smoother; default 1.0)")
-    p.add_argument("--no-affine", action="store_true",
-                   help="skip the affine pre-alignment (images already aligned)")
+    _registration_options(p)
     p.add_argument("--initial-affine", metavar="MAT",
                    help="starting fixed->moving transform: 4x4 RAS text matrix or ITK "
                         ".txt/.tfm/.mat file")
     p.add_argument("--fixed-mask", metavar="M", help="mask of the region of FIXED to align")
     p.add_argument("--moving-mask", metavar="M", help="mask of the region of MOVING to align")
-    p.add_argument("--weights", metavar="W", help="network weights (default: the shipped ones)")
     p.add_argument("--no-png", action="store_true", help="do not render overview.png")
     p.set_defaults(run=run_register)
 
@@ -524,11 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV with columns fixed,moving[,fixed_mask,moving_mask,output]")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output folder: one result folder per pair and the batch table")
-    p.add_argument("--mode", choices=("fast", "accurate"), default="fast",
-                   help=f"fast: network only; accurate: plus {ACCURATE_ITERATIONS} steps of "
-                        "instance optimisation per pair")
-    p.add_argument("--iterations", type=int, metavar="N",
-                   help="instance-optimisation steps per pair (overrides --mode)")
+    _registration_options(p)
     p.add_argument("--workers", type=int, metavar="N",
                    help="pairs registered at once in local processes (default 1: in this process)")
     p.add_argument("--scheduler", metavar="ADDRESS",
@@ -537,14 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch threads per worker (default: the cores shared among --workers; "
                         "Dask workers keep their own setting)")
-    _device_option(p)
-    p.add_argument("--no-affine", action="store_true",
-                   help="skip the affine pre-alignment (images already aligned)")
-    p.add_argument("--weights", metavar="W", help="network weights (default: the shipped ones)")
     p.add_argument("--overwrite", action="store_true",
                    help="register again the pairs that already have a result folder")
     p.add_argument("--no-png", action="store_true", help="do not render overview.png")
-    p.set_defaults(run=run_batch)
+    p.set_defaults(run=run_batch, initial_affine=None)  # no one starting transform for all
 
     p = commands.add_parser(
         "apply", parents=[common], formatter_class=_Formatter, epilog=APPLY_EXAMPLES,

@@ -365,16 +365,36 @@ def to_jsonable(value):
 
 
 @contextmanager
-def atomic_output(path):
+def atomic_output(path, *, replace: bool = True):
     """Yield a temporary path with ``path``'s name, in a hidden folder beside it; on success the
-    file replaces ``path`` (created normally, so it gets the usual permissions)."""
+    file takes ``path``'s place (created normally, so it gets the usual permissions).
+
+    ``replace=False`` never replaces an existing file, even one that appeared meanwhile: the file
+    is published with a hard link, which fails if the name is taken.
+    """
     path = Path(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield staging / path.name
-        os.replace(staging / path.name, path)
+        if replace:
+            os.replace(staging / path.name, path)
+        else:
+            _publish_new(staging / path.name, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish_new(source: Path, path: Path) -> None:
+    try:
+        os.link(source, path)
+        return
+    except FileExistsError:
+        pass
+    except OSError:  # no hard links on this file system: the check and the rename are two steps
+        if not path.exists():
+            os.rename(source, path)
+            return
+    raise InputError(f"'{path}' already exists; choose a new file name, or allow overwriting it")
 
 
 def write_json(path, content: dict) -> None:

@@ -36,6 +36,8 @@ from . import validate
 from .errors import InputError
 from .grid import GeometryError, Grid
 from .io import RESULT_FILES, Volume, read_displacement, read_volume, write_volume
+from .options import RegistrationOptions
+from .resources import check_new_weights_path  # noqa: F401  (the panel's fine-tune output)
 
 DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 JACOBIAN_COLOR_NODE_NAME = "LiquidReg Jacobian"
@@ -536,38 +538,15 @@ def write_cli_inputs(inputs: RegistrationInputs, folder) -> list[str]:
     return arguments
 
 
-def register_arguments(input_arguments, out_dir, *, iterations=0, device="auto", affine=True,
-                       weights=None, regularisation=None) -> list[str]:
-    """The full ``liquidreg register`` command line for the background process."""
-    arguments = ["register", *input_arguments, "-o", str(out_dir), "--device", device,
-                 "--iterations", str(int(iterations)), "--progress", "json"]
-    if not affine:
-        arguments.append("--no-affine")
-    if weights:
-        arguments += ["--weights", str(weights)]
-    if regularisation is not None:
-        arguments += ["--regularisation", str(regularisation)]
-    return arguments
+def register_arguments(input_arguments, out_dir, options: RegistrationOptions | None = None,
+                       **settings) -> list[str]:
+    """The full ``liquidreg register`` command line for the background process (``settings``:
+    RegistrationOptions fields by name, as for :func:`register.register`)."""
+    from .cli import option_arguments
 
-
-def check_new_weights_path(path) -> Path:
-    """Where fine-tuned weights may go: a new .pt file, never the shipped weights' folder."""
-    from .checkpoint import DEFAULT_WEIGHTS
-
-    if not str(path or "").strip():
-        raise InputError("no file is chosen for the fine-tuned weights; choose a new .pt file name")
-    path = Path(path).expanduser()
-    if path.suffix != ".pt":
-        raise InputError(f"fine-tuned weights '{path.name}' need the .pt extension; choose a name "
-                         "ending in .pt")
-    shipped = DEFAULT_WEIGHTS.parent.resolve()
-    if path.resolve().parent == shipped:
-        raise InputError(f"'{path}' is in the folder of the shipped weights, which are never "
-                         "changed; choose another folder for the fine-tuned weights")
-    if path.exists():
-        raise InputError(f"'{path}' already exists; choose a new file name so no weights are "
-                         "overwritten")
-    return path
+    options = RegistrationOptions.of(options, **settings)
+    return ["register", *input_arguments, "-o", str(out_dir), *option_arguments(options),
+            "--progress", "json"]
 
 
 def default_weights_path(folder) -> Path:
@@ -633,22 +612,29 @@ class LiquidRegLogic:
     returns :class:`RegistrationNodes`.  Nothing in the scene changes unless it succeeds.
     """
 
-    def register(self, fixedNode, movingNode, *, iterations: int = 0, device: str = "auto",
+    def register(self, fixedNode, movingNode, options: RegistrationOptions | None = None, *,
                  fixedMaskNode=None, movingMaskNode=None, transformNode=None,
                  jacobianVolumeNode=None, warpedVolumeNode=None, applyToMoving: bool = False,
-                 affine: bool = True, weights=None, regularisation=None, progress=None,
-                 cancel=None) -> RegistrationNodes:
+                 progress=None, cancel=None, **settings) -> RegistrationNodes:
+        """``options`` (or ``settings``, its fields by name) as for ``register.register``; the
+        device may also be named as in the panel ("Auto", "CPU", "GPU").  The initial affine
+        comes from the moving volume's linear parent transform."""
         from .register import register as run_registration
 
+        if "device" in settings:
+            settings["device"] = DEVICES.get(settings["device"], settings["device"])
+        options = RegistrationOptions.of(options, **settings)
         request = RegistrationRequest(fixedNode, movingNode, fixedMaskNode, movingMaskNode,
                                       transformNode, jacobianVolumeNode, warpedVolumeNode,
                                       applyToMoving)
         inputs = read_request(request)
-        result = run_registration(inputs.fixed, inputs.moving, iterations=iterations,
-                                  device=DEVICES.get(device, device), affine=affine,
-                                  initial_affine=inputs.initialAffine,
+        if inputs.initialAffine is not None:
+            if options.initial_affine is not None:
+                raise InputError("an initial affine was given and the moving volume is under a "
+                                 "linear transform; pass one of the two")
+            options = RegistrationOptions.of(options, initial_affine=inputs.initialAffine)
+        result = run_registration(inputs.fixed, inputs.moving, options,
                                   fixed_mask=inputs.fixedMask, moving_mask=inputs.movingMask,
-                                  weights=weights, regularisation=regularisation,
                                   progress=progress, cancel=cancel)
         return apply_result(request, result.displacement, result.fixed_grid, result.jacobian,
                             result.warped, result.summary)

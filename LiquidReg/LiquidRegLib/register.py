@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, diffeo, losses, metrics, train, validate
 from .devices import resolve_device
-from .errors import InputError
+from .options import RegistrationOptions
 from .grid import Grid, mapped_voxels, normalized_coordinates, sample_at, sampling_grid
 from .preprocess import to_working, working_grid, working_image
 from .progress import check, report
@@ -41,40 +41,35 @@ def _similarity(pair, moving=None) -> float:
     return float(losses.local_ncc(fixed, moving, 5).mean())
 
 
-def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool = True,
-             initial_affine=None, fixed_mask=None, moving_mask=None, weights=None,
-             regularisation: float | None = None, progress=None, cancel=None,
-             model=None) -> RegistrationResult:
+def register(fixed, moving, options: RegistrationOptions | None = None, *, fixed_mask=None,
+             moving_mask=None, progress=None, cancel=None, model=None,
+             **settings) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (``io.Volume``-like objects) and return the full mapping.
 
+    ``options`` says how (:class:`RegistrationOptions`); ``settings`` set some of its fields by
+    name for short calls, e.g. ``register(fixed, moving, mode="accurate", device="cpu")``.
+    Masks may lie on their own grids: each is resampled onto its image's grid once, here.
     ``model``: a (network, info) pair from ``checkpoint.load_model`` to use instead of loading
-    ``weights``, so that a batch worker loads the network once for all its pairs.
+    ``options.weights``, so that a batch worker loads the network once for all its pairs.
     """
+    options = RegistrationOptions.of(options, **settings)
     timings, started = {}, time.perf_counter()
-    if int(iterations) < 0:
-        raise InputError(f"--iterations must be 0 (network only) or more, not {iterations}")
     validate.check_image(fixed, "fixed")
     validate.check_image(moving, "moving")
     if fixed_mask is not None:
-        validate.check_mask(fixed_mask, fixed, "fixed mask")
+        fixed_mask = validate.check_mask(fixed_mask, fixed, "fixed mask")
     if moving_mask is not None:
-        validate.check_mask(moving_mask, moving, "moving mask")
-    if initial_affine is not None:
-        initial_affine = np.asarray(initial_affine, dtype=np.float64)
-        if initial_affine.shape != (4, 4) or not np.isfinite(initial_affine).all():
-            raise InputError("the initial affine must be a finite 4x4 matrix (RAS, fixed -> moving)")
-    dev = resolve_device(device)
+        moving_mask = validate.check_mask(moving_mask, moving, "moving mask")
+    dev = resolve_device(options.device)
     if model is None:
-        model, info = checkpoint.load_model(weights, dev)
+        model, info = checkpoint.load_model(options.weights, dev)
     else:
         model, info = model
         model.to(dev)  # a CUDA out-of-memory retry of an earlier pair may have left it on the CPU
     timings["load"] = round(time.perf_counter() - started, 3)
-    options = dict(affine=affine, initial_affine=initial_affine, fixed_mask=fixed_mask,
-                   moving_mask=moving_mask, iterations=int(iterations),
-                   regularisation=regularisation, progress=progress, cancel=cancel)
+    inputs = _Inputs(fixed, moving, fixed_mask, moving_mask)
     try:
-        outcome = _register_on(dev, model, fixed, moving, timings, **options)
+        outcome = _register_on(dev, model, inputs, options, timings, progress, cancel)
     except torch.cuda.OutOfMemoryError:
         if dev.type != "cuda":
             raise
@@ -82,15 +77,14 @@ def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool 
         torch.cuda.empty_cache()
         dev = torch.device("cpu")
         model.to(dev)
-        outcome = _register_on(dev, model, fixed, moving, timings, **options)
+        outcome = _register_on(dev, model, inputs, options, timings, progress, cancel)
     world_map, wgrid, out, similarity, instance = outcome
     timings["total"] = round(time.perf_counter() - started, 3)
     stats = metrics.jacobian_stats(out["jacobian"])
     summary = {
         "device": str(dev),
-        "model": {k: info[k] for k in ("name", "version", "sha256", "path")},
-        "iterations": int(iterations),
-        "affine": bool(affine),
+        "model": checkpoint.model_summary(info),
+        **options.summary(),
         "working_grid": {"shape": list(wgrid.shape), "spacing_mm": float(wgrid.spacing[0])},
         "timings_s": timings,
         "pct_folding": stats["pct_folding"],
@@ -106,23 +100,32 @@ def register(fixed, moving, *, iterations: int = 0, device="auto", affine: bool 
                               np.asarray(world_map, dtype=np.float64), summary)
 
 
-def _register_on(dev, model, fixed, moving, timings, *, affine, initial_affine, fixed_mask,
-                 moving_mask, iterations, regularisation, progress, cancel):
+@dataclass
+class _Inputs:
+    """The pair and its masks (already on their images' grids)."""
+    fixed: object
+    moving: object
+    fixed_mask: object
+    moving_mask: object
+
+
+def _register_on(dev, model, inputs: _Inputs, options: RegistrationOptions, timings, progress,
+                 cancel):
     """Everything that runs on ``dev``: affine, network (+ instance optimisation), outputs at the
     input grids and the similarity report.  One unit, so a CUDA out-of-memory anywhere in it
     can be retried on the CPU."""
+    fixed, moving = inputs.fixed, inputs.moving
     t = time.perf_counter()
-    if affine:
+    if options.affine:
         from .affine import affine_register
-        world_map = affine_register(fixed, moving, initial=initial_affine, fixed_mask=fixed_mask,
-                                    moving_mask=moving_mask, device=dev, progress=progress,
-                                    cancel=cancel)
+        world_map = affine_register(fixed, moving, initial=options.initial_affine,
+                                    fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask,
+                                    device=dev, progress=progress, cancel=cancel)
     else:
-        world_map = initial_affine if initial_affine is not None else np.eye(4)
+        world_map = options.initial_affine if options.initial_affine is not None else np.eye(4)
     validate.check_overlap(fixed, moving, world_map)
     timings["affine"] = round(time.perf_counter() - t, 3)
-    velocity, pair, wgrid, instance = _deformable(model, fixed, moving, world_map, dev, iterations,
-                                                  regularisation, fixed_mask, moving_mask,
+    velocity, pair, wgrid, instance = _deformable(model, inputs, world_map, dev, options,
                                                   progress, cancel, timings)
     t = time.perf_counter()
     check(cancel)
@@ -131,7 +134,7 @@ def _register_on(dev, model, fixed, moving, timings, *, affine, initial_affine, 
         forward = diffeo.exp_velocity(velocity, wgrid.shape, model.squarings)
         inverse = diffeo.exp_velocity(-velocity, wgrid.shape, model.squarings)
         out = _full_resolution(forward, inverse, wgrid, world_map, fixed, moving, dev)
-        unaligned = working_image(moving, wgrid, None, moving_mask, dev)
+        unaligned = working_image(moving, wgrid, None, inputs.moving_mask, dev)
         similarity = {"metric": "mean local NCC (5^3 window, half working resolution)",
                       "before": _similarity(pair, unaligned), "after_affine": _similarity(pair),
                       "after": _similarity(pair, diffeo.warp(pair.moving, forward))}
@@ -140,13 +143,13 @@ def _register_on(dev, model, fixed, moving, timings, *, affine, initial_affine, 
     return world_map, wgrid, out, similarity, instance
 
 
-def _deformable(model, fixed, moving, world_map, dev, iterations, regularisation, fixed_mask,
-                moving_mask, progress, cancel, timings):
+def _deformable(model, inputs: _Inputs, world_map, dev, options: RegistrationOptions, progress,
+                cancel, timings):
     t = time.perf_counter()
     cfg = model.config
-    wgrid = working_grid(fixed.grid, cfg.working_spacing, cfg.divisor)
-    pair = to_working(fixed, moving, world_map, wgrid, fixed_mask=fixed_mask,
-                      moving_mask=moving_mask, device=dev)
+    wgrid = working_grid(inputs.fixed.grid, cfg.working_spacing, cfg.divisor)
+    pair = to_working(inputs.fixed, inputs.moving, world_map, wgrid, fixed_mask=inputs.fixed_mask,
+                      moving_mask=inputs.moving_mask, device=dev)
     check(cancel)
     report(progress, "network", 0, 1, "predicting the velocity field")
     with torch.no_grad():
@@ -154,12 +157,11 @@ def _deformable(model, fixed, moving, world_map, dev, iterations, regularisation
     report(progress, "network", 1, 1)
     timings["network"] = round(time.perf_counter() - t, 3)
     instance = None
-    if iterations:
+    if options.steps:
         t = time.perf_counter()
-        smooth = 1.0 if regularisation is None else float(regularisation)
-        velocity, instance = train.instance_optimise(velocity, pair, int(iterations),
-                                                     squarings=cfg.squarings, smoothness=smooth,
-                                                     device=dev, progress=progress, cancel=cancel)
+        velocity, instance = train.instance_optimise(
+            velocity, pair, options.steps, squarings=cfg.squarings,
+            regularisation=options.regularisation, device=dev, progress=progress, cancel=cancel)
         timings["instance_optimisation"] = round(time.perf_counter() - t, 3)
     return velocity, pair, wgrid, instance
 

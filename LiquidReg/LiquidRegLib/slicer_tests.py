@@ -8,7 +8,6 @@ failure.  Geometry is checked with MRML/VTK/ITK machinery, never with the engine
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import slicer
@@ -20,8 +19,9 @@ from . import logic
 from .errors import InputError
 from .grid import LPS_FLIP, Grid
 from .io import RESULT_FILES, read_volume
+from .resources import folder
 
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Sample"
+SAMPLE_DIR = folder("sample")
 
 
 # ---- helpers: geometry and scene access through Slicer's own machinery ----------------------
@@ -313,7 +313,7 @@ def test_progress_lines(workdir):
 def test_finetune_inputs(workdir):
     """Fine-tuning data reaches the command in its own formats, and new weights never replace
     existing or shipped ones."""
-    from .checkpoint import DEFAULT_WEIGHTS
+    from .resources import default_weights
     from .cli import pairs_from_csv
 
     grid = Grid((10, 10, 10), oblique_lps_affine((2.0, 2.0, 2.0), (0.0, 5.0, 0.0)))
@@ -333,7 +333,7 @@ def test_finetune_inputs(workdir):
     existing = workdir / "existing.pt"
     existing.write_bytes(b"")
     refused = {"": "no file", str(workdir / "w.pth"): ".pt", str(existing): "already exists",
-               str(DEFAULT_WEIGHTS.parent / "mine.pt"): "shipped"}
+               str(default_weights().parent / "mine.pt"): "shipped"}
     for path, expected in refused.items():
         try:
             logic.check_new_weights_path(path)

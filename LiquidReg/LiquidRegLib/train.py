@@ -322,23 +322,22 @@ def _prepare_pair(spec, model, device) -> dict:
 
 
 def finetune(pairs: Sequence, output, *, steps: int = 200, weights=None, device="auto",
-             lr: float = 1e-4, progress=None, cancel=None) -> dict:
+             lr: float = 1e-4, overwrite: bool = False, progress=None, cancel=None) -> dict:
     """Fine-tune the network on a user's pairs and save new weights to ``output``.
 
     Each pair is ``(fixed, moving[, fixed_labels, moving_labels])`` (paths).  The loss is LNCC
-    (same-contrast pairs), plus Dice where labels are given.  The shipped weights are never
-    overwritten; cancelling writes nothing.
+    (same-contrast pairs), plus Dice where labels are given.  ``output`` follows
+    :func:`resources.check_new_weights_path` (never the shipped weights; an existing file only
+    with ``overwrite``); cancelling writes nothing.
     """
     from .devices import resolve_device
+    from .resources import check_new_weights_path
 
-    output = Path(output)
-    if output.resolve() == checkpoint.DEFAULT_WEIGHTS.resolve():
-        raise InputError("refusing to overwrite the shipped weights; choose another output file "
-                         "with -o")
+    output = check_new_weights_path(output, overwrite=overwrite)
     if not pairs:
-        raise InputError("no pairs to fine-tune on; give --pairs CSV or --images DIR with 2+ images")
+        raise InputError("no pairs to fine-tune on; give at least one pair of images")
     if steps < 1:
-        raise InputError(f"--steps must be at least 1, not {steps}")
+        raise InputError(f"steps must be at least 1, not {steps}")
     dev = resolve_device(device)
     model, info = checkpoint.load_model(weights, dev)
     batches = []
@@ -358,7 +357,8 @@ def finetune(pairs: Sequence, output, *, steps: int = 200, weights=None, device=
     meta = {"finetuned_from": {k: info[k] for k in ("name", "version", "sha256")},
             "pairs": [[str(p) if p else None for p in spec] for spec in pairs],
             "train_config": config.to_dict(), "skipped_steps": state.skipped}
-    digest = checkpoint.save_weights(output, model, meta)
+    digest = checkpoint.save_weights(output, model, meta, name=f"{info['name']}-finetuned",
+                                     version=info["version"], replace=overwrite)
     return {"output": str(output), "sha256": digest, "steps": state.step,
             "skipped": state.skipped, "clipped": state.clipped,
             "final_loss": state.history[-1][1] if state.history else None}
@@ -370,13 +370,14 @@ INSTANCE_LR = 0.05
 
 
 def instance_optimise(velocity: torch.Tensor, pair, iterations: int, *,
-                      squarings: int = diffeo.MIN_SQUARINGS, smoothness: float = 1.0,
+                      squarings: int = diffeo.MIN_SQUARINGS, regularisation: float = 1.0,
                       lr: float = INSTANCE_LR, device="cpu", progress=None, cancel=None):
-    """Refine one pair's velocity field for ``iterations`` steps of the stabilised loop (LNCC)."""
+    """Refine one pair's velocity field for ``iterations`` steps of the stabilised loop (LNCC);
+    ``regularisation`` weighs the diffusion (smoothness) term."""
     trainable = InstanceVelocity(velocity, squarings)
     batch = {"fixed": pair.fixed, "moving": pair.moving, "fixed_mask": pair.fixed_mask}
     config = TrainConfig(steps=iterations, lr=lr, checkpoint_every=0, lncc_window=7,
-                         weights=LossWeights(similarity=1.0, dice=0.0, smoothness=smoothness,
+                         weights=LossWeights(similarity=1.0, dice=0.0, smoothness=regularisation,
                                              folding=10.0))
     state = run(trainable, lambda step: batch, config, device=device, progress=progress,
                 cancel=cancel, stage="instance")

@@ -1,4 +1,4 @@
-"""The small real sample pair shipped in ``Resources/Sample`` (demo default and test-suite brain).
+"""The small real sample pair shipped in ``LiquidRegLib/resources/sample`` (demo default and test-suite brain).
 
 Fixed and moving are two different real brains, skull-stripped with their own brain masks,
 cropped to the brain at 1 mm and stored compactly (uint8 T1, int16 shared-scheme labels).
@@ -9,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import resources
 from . import volumes
 from .subjects import Subject
 
-SAMPLE_DIR = Path(__file__).resolve().parents[3] / "Resources" / "Sample"
-FILES = ("fixed_t1.nii.gz", "fixed_labels.nii.gz", "moving_t1.nii.gz", "moving_labels.nii.gz")
 
-
-def sample_paths(folder=SAMPLE_DIR) -> dict:
-    """{"fixed_t1": path, ...} of the sample pair."""
-    return {name.split(".")[0]: Path(folder) / name for name in FILES}
+def sample_paths(folder=None) -> dict:
+    """{"fixed_t1": path, ...} of the sample pair (default: the shipped one)."""
+    if folder is None:
+        return resources.sample_paths()
+    return {key: Path(folder) / name for key, name in resources.SAMPLE_FILES.items()}
 
 
 def _brain_uint8(subject: Subject) -> tuple[np.ndarray, np.ndarray, object]:
@@ -31,7 +31,7 @@ def _brain_uint8(subject: Subject) -> tuple[np.ndarray, np.ndarray, object]:
     return t1, subject.labels[window].astype(np.int16), grid
 
 
-def write_sample_pair(fixed: Subject, moving: Subject, folder=SAMPLE_DIR) -> dict:
+def write_sample_pair(fixed: Subject, moving: Subject, folder=None) -> dict:
     """Write the four sample files; returns their paths."""
     if fixed.t1 is None or moving.t1 is None:
         raise ValueError("the sample pair needs two subjects with a real T1")
