@@ -72,6 +72,13 @@ def world_image(grid: Grid, center_ras=None) -> np.ndarray:
     return (100 * blob + 20 * np.sin(x / 4.0) + 10 * np.cos(y / 5.0 + z / 7.0) + 40).astype(np.float32)
 
 
+def smooth_field(grid: Grid) -> np.ndarray:
+    """A smooth float32 displacement field (RAS mm, a few mm) defined in world space."""
+    x, y, z = np.moveaxis(grid.voxel_to_ras(np.indices(grid.shape).reshape(3, -1).T)
+                          .reshape(*grid.shape, 3), -1, 0)
+    return np.stack([2 * np.sin(y / 9), -1.5 * np.cos(z / 7), 1.0 + 0 * x], -1).astype(np.float32)
+
+
 def world_labels(grid: Grid, center_ras, radius: float) -> np.ndarray:
     """int16 labels 1..8: the octants (relative to ``center_ras``) of a ball, 0 outside.
 

@@ -35,8 +35,7 @@ def _bad_image(kind, folder, grid):
         io.write_volume(path, np.zeros(grid.shape, np.float32), grid)
     elif kind == "constant":
         io.write_volume(path, np.full(grid.shape, 7.0, np.float32), grid)
-    elif kind == "nan":  # NRRD: ITK's NIfTI reader would already have zeroed them (see below)
-        path = folder / "bad_nan.nrrd"
+    elif kind == "nan":
         image[3:5, 3:5, 3:5] = np.nan
         image[0, 0, 0] = np.inf
         io.write_volume(path, image, grid)
@@ -108,27 +107,70 @@ def test_register_rejects_bad_fixed_image_and_keeps_existing_output(run_cli, goo
     bad, extra = _bad_image(kind, good["folder"], good["grid"])
     out = good["folder"] / "OUT"
     out.mkdir()
-    (out / "keep.txt").write_text("user file")
-    code, stdout, err = run_cli("register", bad, good["moving"], "-o", out, "--quiet", *extra)
+    (out / "summary.json").write_text("{}")  # a previous result
+    code, stdout, err = run_cli("register", bad, good["moving"], "-o", out, "--quiet",
+                                "--overwrite", *extra)
     assert "fixed image" in _assert_one_line_error(code, stdout, err, expected)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+    assert (out / "summary.json").read_text() == "{}"
 
 
-def test_nan_in_nifti_never_reaches_the_engine(good):
-    """ITK's NIfTI reader turns NaN/Inf into 0; whichever way, the engine only sees finite values
-    (NRRD/MetaImage keep them and the validation above reports them)."""
-    from LiquidRegLib.errors import InputError
-    from LiquidRegLib.validate import check_image
-    image = world_image(good["grid"])
+@pytest.mark.parametrize("content, flags, expected", [
+    (["summary.json", "overview.png"], [], "is not empty"),
+    (["notes.txt"], ["--overwrite"], "did not write (notes.txt)"),
+])
+def test_register_refuses_an_output_folder_it_would_mix_or_lose(run_cli, good, content, flags,
+                                                                 expected):
+    out = good["folder"] / "OUT"
+    out.mkdir()
+    for name in content:
+        (out / name).write_text("before")
+    code, stdout, err = run_cli("register", good["fixed"], good["moving"], "-o", out, "--quiet",
+                                *flags)
+    _assert_one_line_error(code, stdout, err, expected)
+    assert sorted(p.name for p in out.iterdir()) == sorted(content)
+
+
+@pytest.mark.parametrize("extension", [".nii.gz", ".nii", ".nrrd", ".mha"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_or_inf_is_refused_in_every_format(run_cli, good, extension, dtype):
+    """ITK's NIfTI library turns NaN/Inf into 0 while reading; LiquidReg reads float NIfTI voxels
+    itself, so they are refused like in NRRD and MetaImage, not registered as zeros."""
+    image = world_image(good["grid"]).astype(dtype)
     image[2:4, 2:4, 2:4] = np.nan
-    path = good["folder"] / "nan.nii.gz"
+    image[7, 1, 3] = -np.inf
+    path = good["folder"] / f"nan{extension}"
     io.write_volume(path, image, good["grid"])
-    volume = io.read_volume(path)
-    if np.all(np.isfinite(volume.array)):
-        check_image(volume)
-    else:
-        with pytest.raises(InputError, match="NaN/Inf"):
-            check_image(volume)
+    assert np.count_nonzero(~np.isfinite(io.read_volume(path).array)) == 9
+    out = good["folder"] / "OUT"
+    code, stdout, err = run_cli("register", good["fixed"], path, "-o", out, "--quiet")
+    assert "moving image" in _assert_one_line_error(code, stdout, err, "9 NaN/Inf")
+    assert not out.exists()
+
+
+def test_float_nifti_read_like_nibabel_with_scaling(tmp_path):
+    """The float NIfTI reader applies the header's scl_slope/scl_inter and big-endian storage as
+    nibabel does (an independent reader)."""
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(8)
+    data = rng.normal(size=(9, 11, 7)).astype(np.float32)
+    affine = np.diag([1.5, -2.0, 2.5, 1.0])
+    image = nib.Nifti1Image(data.astype(">f4"), affine)
+    image.header.set_slope_inter(2.0, -3.0)
+    nib.save(image, tmp_path / "scaled.nii.gz")
+    volume = io.read_volume(tmp_path / "scaled.nii.gz")
+    expected = np.asarray(nib.load(tmp_path / "scaled.nii.gz").get_fdata(), np.float32)
+    np.testing.assert_allclose(volume.array, expected, rtol=1e-6, atol=1e-6)
+    assert np.allclose(volume.grid.affine, affine)
+
+
+def test_nan_in_nifti_displacement_is_refused(tmp_path, good):
+    from LiquidRegLib.errors import InputError
+    field = np.zeros((*good["grid"].shape, 3), np.float32)
+    field[1, 2, 3, 1] = np.nan
+    io.write_displacement(tmp_path / "warp.nii.gz", field, good["grid"])
+    with pytest.raises(InputError, match="NaN/Inf"):
+        io.read_displacement(tmp_path / "warp.nii.gz")
 
 
 def test_register_rejects_empty_mask(run_cli, good):
@@ -180,3 +222,53 @@ def test_finetune_rejects_bad_pairs_file(run_cli, good):
     code, stdout, err = run_cli("finetune", "--pairs", csv, "-o", out, "--quiet")
     _assert_one_line_error(code, stdout, err, "'fixed' and 'moving'")
     assert not out.exists()
+
+
+def _lip_crop(mask: np.ndarray, grid, window):
+    """The part ``window`` of a mask on ``grid``, stored LIP (axes permuted and flipped) on its
+    own, smaller grid whose voxel centres coincide with ``grid``'s."""
+    from LiquidRegLib.grid import Grid
+
+    crop = mask[window]
+    start = np.array([s.start for s in window], float)
+    crop_to_grid = np.eye(4)
+    crop_to_grid[:3, 3] = start
+    # LIP (for a RAS ``grid``): lip[a, b, c] = crop[n0-1-a, n1-1-c, n2-1-b]
+    n = crop.shape
+    lip = np.ascontiguousarray(crop[::-1, ::-1, ::-1].transpose(0, 2, 1))
+    lip_to_crop = np.array([[-1.0, 0, 0, n[0] - 1], [0, 0, -1, n[1] - 1], [0, -1, 0, n[2] - 1],
+                            [0, 0, 0, 1]])
+    return lip, Grid(lip.shape, grid.affine @ crop_to_grid @ lip_to_crop)
+
+
+def test_mask_on_its_own_grid_is_resampled_once_for_every_caller(run_cli, small_brain_pair,
+                                                                  tmp_path):
+    """A brain mask cropped to the brain and stored LIP (its own grid) registers like the same
+    mask on the image's grid, from the command line and from Python (no IndexError)."""
+    from LiquidRegLib import register
+    from LiquidRegLib.grid import resample
+
+    fixed, fixed_labels, moving, _ = small_brain_pair
+    brain = (fixed_labels.array > 0).astype(np.uint8)
+    inside = np.argwhere(brain)
+    window = tuple(slice(lo, hi + 1) for lo, hi in zip(inside.min(0), inside.max(0)))
+    lip, lip_grid = _lip_crop(brain, fixed.grid, window)
+    assert lip_grid.orientation == "LIP" and lip.shape != brain.shape
+    # the crop really holds the same voxels: back on the image grid (independent nearest lookup)
+    assert np.array_equal(resample(lip, lip_grid, fixed.grid, order="nearest"), brain)
+
+    own = io.Volume(lip, lip_grid, "fixed mask")
+    on_image = io.Volume(brain, fixed.grid, "fixed mask")
+    options = dict(device="cpu", affine=False)
+    a = register.register(fixed, moving, fixed_mask=own, **options)
+    b = register.register(fixed, moving, fixed_mask=on_image, **options)
+    assert np.array_equal(a.displacement, b.displacement)
+
+    for name, volume in (("fixed", fixed), ("moving", moving)):
+        io.write_volume(tmp_path / f"{name}.nii.gz", volume.array, volume.grid)
+    io.write_volume(tmp_path / "mask.nrrd", lip, lip_grid)
+    code, _, err = run_cli("register", tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz",
+                           "-o", tmp_path / "out", "--fixed-mask", tmp_path / "mask.nrrd",
+                           "--moving-mask", tmp_path / "mask.nrrd", "--device", "cpu",
+                           "--no-png", "-q")
+    assert code == 0, err

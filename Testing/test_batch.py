@@ -16,16 +16,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from LiquidRegLib import batch, io
 from LiquidRegLib.errors import InputError
+from LiquidRegLib.results import RESULT_FILES
 
 from conftest import small_brain
 
 #: What every pair's folder holds: the files of ``register`` (no overview: --no-png).
-FILES = sorted(set(io.RESULT_FILES.values()) - {"overview.png"})
+FILES = sorted(set(RESULT_FILES.values()) - {"overview.png"})
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_a_result_of_other_settings_or_a_foreign_folder_is_not_touched(cohort, t
     (out / "p").mkdir(parents=True)
     (out / "p" / "notes.txt").write_text("mine")
     [result] = batch.register_many([pair], out, affine=False, device="cpu", png=False)
-    assert result.status == "failed" and "not a LiquidReg result" in result.error
+    assert result.status == "failed" and "did not write (notes.txt)" in result.error
     assert os.listdir(out / "p") == ["notes.txt"]
     (out / "p" / "notes.txt").unlink()
     [result] = batch.register_many([pair], out, affine=False, device="cpu", png=False)

@@ -14,6 +14,7 @@ import pytest
 from LiquidRegLib import io
 from LiquidRegLib.metrics import dice_per_label, hd95_per_label, jacobian_stats, surface
 from LiquidRegLib.options import RegistrationOptions
+from LiquidRegLib.results import RESULT_FILES
 
 from conftest import ORIENTATIONS, build_grid, rotation, world_image, world_labels
 
@@ -185,7 +186,7 @@ def test_register_writes_results_and_json_progress(run_cli, pair, fake_engine):
     assert network[-1]["metrics"]["loss"] == pytest.approx(0.3)
     assert any(e.get("stage") == "write" for e in events)
     assert events[-1]["event"] == "done" and events[-1]["output"] == str(out)
-    assert sorted(os.listdir(out)) == sorted(set(io.RESULT_FILES.values()) - {"overview.png"})
+    assert sorted(os.listdir(out)) == sorted(set(RESULT_FILES.values()) - {"overview.png"})
     call = fake_engine["register"]
     assert call["options"] == RegistrationOptions(iterations=5, device="cpu", regularisation=2.5)
     assert call["fixed"].grid == pair["fixed"] and call["moving"].grid == pair["moving"]

@@ -6,10 +6,8 @@ here by hand, and files written by nibabel rather than by us.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
-import types
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from LiquidRegLib import io
 from LiquidRegLib.errors import InputError
 from LiquidRegLib.grid import LPS_FLIP, Grid
 
-from conftest import world_image
+from conftest import smooth_field, world_image
 
 FORMATS = (".nii.gz", ".nii", ".nrrd", ".mha")
 GRID_NAMES = ("oblique_aniso", "LPS", "LIP_aniso", "RAS_aniso")
@@ -144,17 +142,11 @@ def test_detached_headers_round_trip(tmp_path, grids):
     assert not [n for n in _files(tmp_path) if n.startswith(".")]
 
 
-def _smooth_field(grid: Grid) -> np.ndarray:
-    x, y, z = np.moveaxis(grid.voxel_to_ras(np.indices(grid.shape).reshape(3, -1).T)
-                          .reshape(*grid.shape, 3), -1, 0)
-    return np.stack([2 * np.sin(y / 9), -1.5 * np.cos(z / 7), 1.0 + 0 * x], -1).astype(np.float32)
-
-
 @pytest.mark.parametrize("grid_name", ("oblique_aniso", "LIP_aniso"))
 def test_displacement_round_trip_and_itk_layout(tmp_path, grids, grid_name):
     nib = pytest.importorskip("nibabel")
     grid = grids[grid_name]
-    field = _smooth_field(grid)
+    field = smooth_field(grid)
     path = tmp_path / "warp.nii.gz"
     io.write_displacement(path, field, grid)
     back, back_grid = io.read_displacement(path)
@@ -201,65 +193,6 @@ def test_read_affine_text_and_itk(tmp_path):
                        LPS_FLIP[:3, :3] @ np.array(expected_lps), atol=1e-6)
 
 
-def _fake_result(grid_fixed, grid_moving):
-    image = world_image(grid_fixed)
-    return types.SimpleNamespace(
-        fixed_grid=grid_fixed, moving_grid=grid_moving,
-        displacement=_smooth_field(grid_fixed), inverse_displacement=-_smooth_field(grid_moving),
-        jacobian=np.full(grid_fixed.shape, 1.1, np.float32), warped=image, affine=np.eye(4),
-        summary={"device": "cpu", "pct_folding": 0.0, "timings_s": {"network": np.float32(0.5)}})
-
-
-def test_save_result_writes_everything(tmp_path, grids):
-    fixed, moving = grids["oblique_aniso"], grids["LIP_aniso"]
-    result = _fake_result(fixed, moving)
-    out = tmp_path / "out"
-    paths = io.save_result(result, out, png=True,
-                           fixed=io.Volume(world_image(fixed), fixed, "fixed"),
-                           moving=io.Volume(world_image(moving), moving, "moving"))
-    assert _files(out) == sorted(io.RESULT_FILES.values())
-    assert set(paths) == set(io.RESULT_FILES)
-    warp, warp_grid = io.read_displacement(paths["warp"])
-    assert warp_grid == fixed and np.allclose(warp, result.displacement, atol=1e-6)
-    inverse, inverse_grid = io.read_displacement(paths["inverse_warp"])
-    assert inverse_grid == moving and np.allclose(inverse, result.inverse_displacement, atol=1e-6)
-    assert io.read_volume(paths["jacobian"]).grid == fixed
-    summary = json.loads(paths["summary"].read_text())
-    assert summary["pct_folding"] == 0.0 and summary["device"] == "cpu"
-    assert np.allclose(summary["affine_ras_fixed_to_moving"], np.eye(4))
-    assert np.allclose(summary["fixed_grid"]["voxel_to_ras"], fixed.affine)
-    assert summary["timings_s"]["network"] == 0.5
-    assert paths["overview"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    (tmp_path / "plain.txt").write_text("")
-    usual = (tmp_path / "plain.txt").stat().st_mode
-    assert {p.stat().st_mode for p in paths.values()} == {usual}  # not private temp-file modes
-
-
-def test_save_result_leaves_nothing_on_failure(tmp_path, grids, monkeypatch):
-    fixed = grids["RAS_aniso"]
-    result = _fake_result(fixed, fixed)
-    out = tmp_path / "existing"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    (out / "warped.nii.gz").write_text("an older result the user kept")
-    original = io.write_volume
-
-    def failing_write(path, array, grid):
-        if "jacobian" in str(path):
-            raise OSError("disk full")
-        original(path, array, grid)
-
-    monkeypatch.setattr(io, "write_volume", failing_write)
-    with pytest.raises(OSError):
-        io.save_result(result, out, png=False)
-    assert _files(out) == ["notes.txt", "warped.nii.gz"]
-    assert (out / "warped.nii.gz").read_text() == "an older result the user kept"
-    new = tmp_path / "new"
-    with pytest.raises(OSError):
-        io.save_result(result, new, png=False)
-    assert not new.exists()
-
-
 @pytest.mark.parametrize("case, expected", [
     ("missing", "does not exist"),
     ("corrupt", "corrupt"),
@@ -292,13 +225,3 @@ def test_read_volume_rejects(tmp_path, case, expected):
         io.read_volume(path, name="moving image")
     message = str(info.value)
     assert expected in message and "\n" not in message and "moving image" in message
-
-
-def test_save_result_without_pillow_skips_only_the_figure(tmp_path, grids, monkeypatch):
-    import importlib.util
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "PIL" else real(name, *a))
-    paths = io.save_result(_fake_result(grids["RAS_aniso"], grids["LPS"]), tmp_path / "out")
-    assert "overview" not in paths
-    assert _files(tmp_path / "out") == sorted(set(io.RESULT_FILES.values()) - {"overview.png"})

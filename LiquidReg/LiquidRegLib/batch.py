@@ -179,7 +179,8 @@ def run_pair(pair: Pair, out, settings: Settings, device: str | None = None) -> 
     """
     from . import register as registration
     from .devices import resolve_device
-    from .io import read_volume, save_result
+    from .io import read_volume
+    from .results import save_result
 
     started = time.perf_counter()
     folder = Path(out) / pair.name
@@ -198,7 +199,9 @@ def run_pair(pair: Pair, out, settings: Settings, device: str | None = None) -> 
         result = registration.register(fixed, moving, options, fixed_mask=masks.get("fixed"),
                                        moving_mask=masks.get("moving"), model=model)
         result.summary["request"] = settings.request(pair)
-        save_result(result, folder, png=settings.png, fixed=fixed, moving=moving)
+        # _earlier let this pair run: its folder is absent, or holds only what an interrupted
+        # or superseded run of it left (LiquidReg's own files), which the new result replaces.
+        save_result(result, folder, overwrite=True, png=settings.png, fixed=fixed, moving=moving)
     except Exception as error:  # this pair only: bad input, or a bug or out-of-memory on it
         message = " ".join(str(error).split())
         if not isinstance(error, LiquidRegError):
@@ -211,30 +214,27 @@ def run_pair(pair: Pair, out, settings: Settings, device: str | None = None) -> 
 
 # ---- what an earlier run left ----------------------------------------------------------------
 def _earlier(pair: Pair, out: Path, settings: Settings, overwrite: bool) -> PairResult | None:
-    """The row of a pair that must not run now (complete already, or its folder is not ours);
-    None when it should run."""
-    from .io import RESULT_FILES
+    """The row of a pair that must not run now (complete already, or its folder is not ours
+    to replace); None when it should run."""
+    from .results import RESULT_FILES, check_output_folder
     folder = out / pair.name
-    if overwrite or not folder.exists():
+    if not folder.exists():
         return None
-    summary_path = folder / RESULT_FILES["summary"]
     try:
-        summary = json.loads(summary_path.read_text())
+        check_output_folder(folder, overwrite=True)  # files LiquidReg did not write: never
+    except InputError as error:
+        return _result(pair, folder, "failed", error=" ".join(str(error).split()))
+    try:
+        summary = json.loads((folder / RESULT_FILES["summary"]).read_text())
     except (OSError, ValueError):
-        summary = None
-    complete = summary is not None and all(
-        (folder / name).is_file() for kind, name in RESULT_FILES.items() if kind != "overview")
-    if complete and summary.get("request") == settings.request(pair):
+        return None  # empty, or what an older version's interrupted write left
+    if overwrite:
+        return None
+    if summary.get("request") == settings.request(pair):
         return _result(pair, folder, "resumed", summary)
-    if complete:
-        problem = "holds a result of other inputs or settings"
-    elif any(p.name not in RESULT_FILES.values() and not p.name.startswith(".liquidreg-staging-")
-             for p in folder.iterdir()):
-        problem = "exists and holds files that are not a LiquidReg result"
-    else:
-        return None  # empty, or what an interrupted write of this pair left
-    return _result(pair, folder, "failed", error=f"result folder '{folder}' {problem}; move it "
-                   "away, or pass --overwrite (overwrite=True) to replace it")
+    return _result(pair, folder, "failed", error=f"result folder '{folder}' holds a result of "
+                   "other inputs or settings; move it away, or pass --overwrite "
+                   "(overwrite=True) to replace it")
 
 
 # ---- the API ---------------------------------------------------------------------------------
@@ -361,11 +361,10 @@ def _process_context():
     """Fresh interpreters ('spawn'): safe with torch's threads and CUDA.  Inside the Slicer
     application the interpreter is PythonSlicer, not the application itself."""
     import multiprocessing
-    import sys
+
+    from .devices import python_executable
     context = multiprocessing.get_context("spawn")
-    if "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):
-        from .logic import python_executable
-        context.set_executable(python_executable())
+    context.set_executable(python_executable())
     return context
 
 

@@ -7,7 +7,6 @@ object per line so other programs (the Slicer module) can drive the command as a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -43,8 +42,8 @@ class Reporter:
             self._update_bar(event)
 
     def _emit(self, content: dict) -> None:
-        from .io import to_jsonable
-        sys.stdout.write(json.dumps(content, default=to_jsonable) + "\n")
+        from .io import to_json
+        sys.stdout.write(to_json(content) + "\n")
         sys.stdout.flush()
 
     def _update_bar(self, event: ProgressEvent) -> None:
@@ -107,22 +106,12 @@ def _sample_pair() -> tuple[Path, Path]:
     return fixed, moving
 
 
-def _check_output_dir(out: Path) -> None:
-    """Fail before the long computation if the output folder cannot be made."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output '{out}' is an existing file; pass a folder for the results")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK):
-        raise InputError(f"cannot write into '{existing}' (permission denied); choose another "
-                         "output folder with -o")
-
-
 def _check_output_file(out: Path, what: str) -> None:
+    """Fail before the long computation if the output file cannot be written."""
+    from .io import check_writable
     if out.is_dir():
         raise InputError(f"output '{out}' is a folder; pass a file name for the {what}")
-    _check_output_dir(out.parent)
+    check_writable(out)
 
 
 # ---- register --------------------------------------------------------------------------------
@@ -156,7 +145,8 @@ def option_arguments(options: RegistrationOptions) -> list[str]:
 
 def run_register(args, reporter: Reporter) -> None:
     from . import register as registration
-    from .io import read_volume, save_result
+    from .io import read_volume
+    from .results import check_output_folder, save_result
     from .validate import check_overlap
 
     if (args.fixed is None) != (args.moving is None):
@@ -165,8 +155,7 @@ def run_register(args, reporter: Reporter) -> None:
     fixed_path, moving_path = ((args.fixed, args.moving) if args.fixed is not None
                                else _sample_pair())
     options = registration_options(args)
-    out = Path(args.output)
-    _check_output_dir(out)
+    out = check_output_folder(args.output, overwrite=args.overwrite)  # before any work
     fixed = read_volume(fixed_path, name="fixed image")
     moving = read_volume(moving_path, name="moving image")
     masks = {role: read_volume(path, name=f"{role} mask", dtype=None)
@@ -176,8 +165,8 @@ def run_register(args, reporter: Reporter) -> None:
     # register() validates images and masks itself (for every caller: CLI, Slicer, scripts).
     result = registration.register(fixed, moving, options, fixed_mask=masks.get("fixed"),
                                    moving_mask=masks.get("moving"), progress=reporter)
-    paths = save_result(result, out, png=not args.no_png, fixed=fixed, moving=moving,
-                        progress=reporter)
+    paths = save_result(result, out, overwrite=args.overwrite, png=not args.no_png, fixed=fixed,
+                        moving=moving, progress=reporter)
     summary = getattr(result, "summary", None) or {}
     reporter.info(f"results written to {out}/: " + ", ".join(p.name for p in paths.values()))
     if isinstance(summary.get("pct_folding"), (int, float)):
@@ -189,6 +178,7 @@ def run_register(args, reporter: Reporter) -> None:
 def run_batch(args, reporter: Reporter) -> None:
     from . import batch
     from .errors import BatchIncomplete, Cancelled
+    from .io import check_writable
 
     if args.scheduler and args.workers is not None:
         raise InputError("pass --workers (local processes) or --scheduler (a Dask cluster), not "
@@ -196,7 +186,9 @@ def run_batch(args, reporter: Reporter) -> None:
     options = registration_options(args)
     pairs = batch.read_pairs(args.pairs)
     out = Path(args.output)
-    _check_output_dir(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output '{out}' is an existing file; pass a folder for the results")
+    check_writable(out / batch.TABLE_CSV)  # before any work: the pairs and the table go inside
     order = {pair.name: index for index, pair in enumerate(pairs)}
     results = []  # kept in the order of PAIRS.csv
     reporter(ProgressEvent("pairs", 0, len(pairs), "registering"))
@@ -520,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "FIXED and MOVING to use the bundled sample pair")
     p.add_argument("moving", nargs="?", metavar="MOVING", help="moving image, deformed onto FIXED")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output folder (created if needed; existing unrelated files are kept)")
+                   help="output folder: new or empty (created if needed)")
     _registration_options(p)
     p.add_argument("--initial-affine", metavar="MAT",
                    help="starting fixed->moving transform: 4x4 RAS text matrix or ITK "
@@ -528,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-mask", metavar="M", help="mask of the region of FIXED to align")
     p.add_argument("--moving-mask", metavar="M", help="mask of the region of MOVING to align")
     p.add_argument("--no-png", action="store_true", help="do not render overview.png")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the previous result in OUT (as a whole; a folder holding other "
+                        "files is never replaced)")
     p.set_defaults(run=run_register)
 
     p = commands.add_parser(

@@ -1,5 +1,5 @@
-"""Which torch device to run on ("auto" takes CUDA when PyTorch sees a GPU), and how a
-LiquidReg process uses the CPU's memory."""
+"""Which torch device to run on ("auto" takes CUDA when PyTorch sees a GPU), how a LiquidReg
+process uses the CPU's memory, and which interpreter starts LiquidReg's own processes."""
 from __future__ import annotations
 
 import sys
@@ -41,3 +41,16 @@ def reuse_freed_memory() -> None:
         libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
     except (OSError, AttributeError):  # not glibc: keep the defaults
         pass
+
+
+def python_executable() -> str:
+    """The interpreter for LiquidReg's own processes (the Slicer panel's background command,
+    batch workers): PythonSlicer inside the Slicer application, whose ``sys.executable`` is the
+    application itself."""
+    slicer = sys.modules.get("slicer")
+    if slicer is not None and hasattr(slicer, "app"):
+        import shutil
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+    return sys.executable

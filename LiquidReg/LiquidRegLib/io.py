@@ -2,21 +2,22 @@
 
 SimpleITK does all reading and writing so NIfTI, NRRD and MetaImage behave identically; geometry
 crosses the ITK (LPS) boundary only through :meth:`Grid.from_itk` / :meth:`Grid.to_itk`.
-Every write is atomic: files are made in a hidden folder next to the target and moved into place
-only once complete, so an interrupted run never leaves a half-written file under the final name.
+Every write is atomic: files are made in a hidden staging folder next to the target and moved
+into place only once complete, so an interrupted run never leaves a half-written file under the
+final name; a staging folder left by a killed run is removed by the next write to that target.
 """
 from __future__ import annotations
 
+import glob
 import gzip
-import importlib.util
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,6 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .grid import LPS_FLIP, GeometryError, Grid
-from .progress import report
 
 #: Extensions SimpleITK reads and writes for us, longest first so ".nii.gz" wins over ".gz".
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -105,43 +105,103 @@ def _grid_of(image_or_reader, label: str) -> Grid:
                          "the file header") from None
 
 
-def _nifti_complete(path, data_bytes: int) -> bool:
+@dataclass(frozen=True)
+class _NiftiHeader:
+    endian: str
+    datatype: int
+    shape: tuple            # numpy shape of the stored voxels (slowest axis first)
+    offset: int             # where the voxels start
+    slope: float
+    inter: float
+    compressed: bool
+
+
+#: NIfTI float datatypes.  ITK's NIfTI library turns NaN/Inf in them into 0 while reading
+#: (``nifti_read_buffer``), so they are read here and the values kept for validation to refuse.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_header(path) -> _NiftiHeader | None:
+    """The fields of a NIfTI-1/-2 header needed to read or size its voxels (None: not NIfTI)."""
+    compressed = str(path).lower().endswith(".gz")
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+        header = f.read(540)
+    endian = "<" if int.from_bytes(header[:4], "little") in (348, 540) else ">"
+    (size,) = struct.unpack(endian + "i", header[:4])
+    if size == 348:
+        dims = struct.unpack(endian + "8h", header[40:56])
+        datatype = struct.unpack(endian + "h", header[70:72])[0]
+        offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        slope, inter = struct.unpack(endian + "2f", header[112:120])
+    elif size == 540:
+        datatype = struct.unpack(endian + "h", header[12:14])[0]
+        dims = struct.unpack(endian + "8q", header[16:80])
+        offset = struct.unpack(endian + "q", header[168:176])[0]
+        slope, inter = struct.unpack(endian + "2d", header[176:192])
+    else:
+        return None
+    shape = tuple(int(n) for n in reversed(dims[1:1 + max(int(dims[0]), 1)]))
+    return _NiftiHeader(endian, int(datatype), shape, offset, float(slope), float(inter),
+                        compressed)
+
+
+def _nifti_complete(path, header: _NiftiHeader, data_bytes: int) -> bool:
     """Whether a NIfTI file holds all its voxels.
 
     ITK's NIfTI reader silently zero-fills a truncated file (an interrupted copy or download),
     which would register garbage; NRRD and MetaImage readers report it themselves.  The header
     gives where the voxels start; gzip's trailer gives the uncompressed length (mod 2^32).
     """
-    compressed = str(path).lower().endswith(".gz")
-    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
-        header = f.read(176)
-    endian = "<" if int.from_bytes(header[:4], "little") in (348, 540) else ">"
-    (header_size,) = struct.unpack(endian + "i", header[:4])
-    if header_size == 348:
-        offset = int(struct.unpack(endian + "f", header[108:112])[0])
-    elif header_size == 540:
-        offset = int(struct.unpack(endian + "q", header[168:176])[0])
-    else:
-        return True
-    expected = offset + data_bytes
-    if not compressed:
+    expected = header.offset + data_bytes
+    if not header.compressed:
         return os.path.getsize(path) >= expected
     with open(path, "rb") as f:
         f.seek(-4, os.SEEK_END)
         return int.from_bytes(f.read(4), "little") == expected % (1 << 32)
 
 
-def _execute(reader: sitk.ImageFileReader, path, name: str) -> sitk.Image:
+def _nifti_float_voxels(path, header: _NiftiHeader) -> np.ndarray:
+    """The voxels of a float NIfTI as stored, NaN/Inf included, laid out as SimpleITK's array
+    view ([k, j, i] plus a trailing component axis for vector images); EOFError if truncated."""
+    dtype = np.dtype(header.endian + _NIFTI_FLOATS[header.datatype])
+    voxels = np.empty(int(np.prod(header.shape)), dtype=dtype)
+    target = memoryview(voxels).cast("B")
+    filled = 0
+    with (gzip.open(path, "rb") if header.compressed else open(path, "rb")) as f:
+        f.seek(header.offset)
+        while filled < len(target):
+            count = f.readinto(target[filled:filled + (1 << 24)])
+            if not count:
+                raise EOFError("truncated")
+            filled += count
+    voxels = voxels.astype(dtype.newbyteorder("="), copy=False).reshape(header.shape)
+    if header.slope not in (0.0, 1.0) or (header.slope and header.inter):
+        voxels = voxels * voxels.dtype.type(header.slope) + voxels.dtype.type(header.inter)
+    if voxels.ndim == 5:  # a vector image: NIfTI stores (component, t=1, k, j, i)
+        return np.moveaxis(voxels.reshape(voxels.shape[0], *voxels.shape[2:]), 0, -1)
+    return voxels.reshape(voxels.shape[-3:])  # 3-D, possibly stored with trailing 1-sized dims
+
+
+def _voxels(reader: sitk.ImageFileReader, path, name: str) -> tuple[np.ndarray, object]:
+    """The image's voxels as SimpleITK lays them out, and the object that owns their memory."""
     problem = (f"{name} '{path}' cannot be read: its voxel data is corrupt or truncated; "
                "re-export or copy it again")
     try:
+        header = _nifti_header(path) if image_extension(path) in (".nii", ".nii.gz") else None
+        if header is not None and header.datatype in _NIFTI_FLOATS:
+            voxels = _nifti_float_voxels(path, header)
+            components = reader.GetNumberOfComponents()
+            expected = tuple(reversed(reader.GetSize())) + ((components,) if components > 1 else ())
+            if voxels.shape != expected:
+                raise InputError(problem)
+            return voxels, voxels
         image = reader.Execute()
-        data_bytes = sitk.GetArrayViewFromImage(image).nbytes
-        if image_extension(path) in (".nii", ".nii.gz") and not _nifti_complete(path, data_bytes):
+        view = sitk.GetArrayViewFromImage(image)
+        if header is not None and not _nifti_complete(path, header, view.nbytes):
             raise InputError(problem)
-    except (RuntimeError, OSError, EOFError, struct.error):
+    except (RuntimeError, OSError, EOFError, struct.error, zlib.error, ValueError):
         raise InputError(problem) from None
-    return image
+    return view, image
 
 
 def read_grid(path, *, name: str = "image") -> Grid:
@@ -161,8 +221,7 @@ def read_volume(path, *, name: str = "image", dtype=np.float32) -> Volume:
     label = describe(path, name)
     _check_scalar_3d(reader, label)
     grid = _grid_of(reader, label)
-    image = _execute(reader, path, name)
-    view = sitk.GetArrayViewFromImage(image)  # [k, j, i]
+    view, _owner = _voxels(reader, path, name)  # [k, j, i]
     if np.iscomplexobj(view):
         raise InputError(f"{label} has complex voxels; pass the magnitude image")
     array = np.ascontiguousarray(view.transpose(2, 1, 0), dtype=dtype)
@@ -179,8 +238,7 @@ def read_displacement(path, *, name: str = "transform") -> tuple[np.ndarray, Gri
                          f"and {reader.GetNumberOfComponents()} values per voxel); pass an ITK/ANTs "
                          "warp, e.g. warp.nii.gz written by 'liquidreg register'")
     grid = _grid_of(reader, label)
-    image = _execute(reader, path, name)
-    view = sitk.GetArrayViewFromImage(image)  # [k, j, i, c], LPS
+    view, _owner = _voxels(reader, path, name)  # [k, j, i, c], LPS
     field = np.ascontiguousarray(view.transpose(2, 1, 0, 3), dtype=np.float32)
     field *= _VECTOR_FLIP
     if not np.all(np.isfinite(field)):
@@ -296,7 +354,7 @@ def _write_image(path, image: sitk.Image, raw: np.ndarray) -> None:
                          "file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     compress = _worth_compressing(memoryview(raw).cast("B"))
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging = staging_folder(path)
     try:
         target = staging / path.name
         if ext == ".nii.gz":
@@ -346,22 +404,52 @@ def write_displacement(path, displacement_ras, grid: Grid) -> None:
     _write_image(path, _itk_image(kji, grid, vector=True), kji)
 
 
-# ---- registration results --------------------------------------------------------------------
-RESULT_FILES = {"warped": "warped.nii.gz", "warp": "warp.nii.gz",
-                "inverse_warp": "inverse_warp.nii.gz", "jacobian": "jacobian.nii.gz",
-                "summary": "summary.json", "overview": "overview.png"}
+# ---- atomic writes -----------------------------------------------------------------------------
+_STAGING = ".liquidreg-"  # hidden folders beside a target: ".<target name>.liquidreg-<pid>-..."
+_STALE_AFTER_S = 24 * 3600  # where a writer's process cannot be asked whether it still runs
 
 
-def to_jsonable(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "tolist"):  # torch tensors
-        return value.tolist()
-    raise TypeError(f"cannot store {type(value).__name__} in summary.json")
+def _writer_gone(folder: Path, pid: int) -> bool:
+    if os.name != "posix":
+        return time.time() - folder.stat().st_mtime > _STALE_AFTER_S
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
+def check_writable(path) -> None:
+    """Fail before any long work if ``path`` cannot be created where it is asked for."""
+    existing = Path(path).absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise InputError(f"cannot write into '{existing}' (permission denied); choose another "
+                         "location for the output")
+
+
+def staging_folder(target) -> Path:
+    """A new hidden folder beside ``target`` in which to make it before it takes its place.
+
+    Staging folders that killed runs left for the same target (their process is gone) are
+    removed first, so they never pile up.
+    """
+    target = Path(target)
+    prefix = f".{target.name}{_STAGING}"
+    for stale in target.parent.glob(glob.escape(prefix) + "*"):
+        pid = stale.name[len(prefix):].split("-", 1)[0]
+        try:
+            gone = pid.isdigit() and stale.is_dir() and _writer_gone(stale, int(pid))
+        except OSError:
+            continue
+        if gone:
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
 
 
 @contextmanager
@@ -373,7 +461,7 @@ def atomic_output(path, *, replace: bool = True):
     is published with a hard link, which fails if the name is taken.
     """
     path = Path(path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging = staging_folder(path)
     try:
         yield staging / path.name
         if replace:
@@ -397,95 +485,31 @@ def _publish_new(source: Path, path: Path) -> None:
     raise InputError(f"'{path}' already exists; choose a new file name, or allow overwriting it")
 
 
+def _plain(value):
+    """``value`` with numpy/torch values, paths and non-finite floats made JSON-safe (NaN and
+    infinity become null: JSON has no such numbers, and a file holding them is invalid)."""
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, str) else k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "tolist"):
+        return _plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} as JSON")
+
+
+def to_json(content, indent: int | None = None) -> str:
+    """Strict JSON text (what every JSON reader accepts) of ``content``."""
+    return json.dumps(_plain(content), indent=indent, allow_nan=False)
+
+
 def write_json(path, content: dict) -> None:
-    """Atomically write ``content`` as indented JSON (numpy values converted)."""
-    text = json.dumps(content, indent=2, default=to_jsonable)
+    """Atomically write ``content`` as indented, strict JSON (see :func:`to_json`)."""
+    text = to_json(content, indent=2)
     with atomic_output(path) as tmp:
         tmp.write_text(text + "\n")
-
-
-def _grid_summary(grid: Grid) -> dict:
-    return {"shape": list(grid.shape), "spacing_mm": grid.spacing.tolist(),
-            "orientation": grid.orientation, "voxel_to_ras": grid.affine.tolist()}
-
-
-def _summary(result) -> dict:
-    from . import __version__
-    content = dict(result.summary or {})
-    content.setdefault("liquidreg_version", __version__)
-    content["affine_ras_fixed_to_moving"] = np.asarray(result.affine).tolist()
-    content["fixed_grid"] = _grid_summary(result.fixed_grid)
-    content["moving_grid"] = _grid_summary(result.moving_grid)
-    content["conventions"] = ("warp.nii.gz: ITK/ANTs displacement field on the fixed grid (LPS mm), "
-                              "fixed point x -> moving point x + u(x); inverse_warp.nii.gz: the "
-                              "same on the moving grid, moving -> fixed")
-    return content
-
-
-def _render_overview(path, result, fixed, moving) -> None:
-    """Runs in a writer thread.  Its torch work is a few tiny slice resamplings, for which
-    OpenMP's fork/join across the cores the other writers are using costs ~20x: one thread here
-    (the setting is per OpenMP thread, so the caller's own torch threads are untouched)."""
-    import torch
-
-    from .figures import save_overview
-    torch.set_num_threads(1)
-    save_overview(path, result, fixed=fixed, moving=moving)
-
-
-def save_result(result, out_dir, *, png: bool = True, fixed: Volume | None = None,
-                moving: Volume | None = None, progress=None) -> dict:
-    """Write a registration result into ``out_dir``; returns {kind: path}.
-
-    Everything is written into a hidden staging folder inside ``out_dir`` (in parallel threads:
-    zlib and file I/O release the GIL) and moved into place only when all files succeeded, so a
-    failure or Ctrl-C leaves ``out_dir`` as it was.  ``fixed``/``moving`` feed the overview figure
-    (skipped when Pillow is not installed).
-    """
-    out_dir = Path(out_dir)
-    created = not out_dir.exists()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output folder '{out_dir}' ({exc.strerror}); choose a "
-                         "writable location") from None
-    staging = Path(tempfile.mkdtemp(prefix=".liquidreg-staging-", dir=out_dir))
-    staged = {k: staging / name for k, name in RESULT_FILES.items()}
-    # Longest jobs first so the threads finish together.
-    jobs = {"warp": lambda: write_displacement(staged["warp"], result.displacement,
-                                               result.fixed_grid)}
-    if png and importlib.util.find_spec("PIL") is not None:  # optional: [figures] extra
-        jobs["overview"] = lambda: _render_overview(staged["overview"], result, fixed, moving)
-    jobs.update({
-        "inverse_warp": lambda: write_displacement(staged["inverse_warp"],
-                                                   result.inverse_displacement, result.moving_grid),
-        "warped": lambda: write_volume(staged["warped"], result.warped, result.fixed_grid),
-        "jacobian": lambda: write_volume(staged["jacobian"], result.jacobian, result.fixed_grid),
-        "summary": lambda: write_json(staged["summary"], _summary(result)),
-    })
-    start = time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="liquidreg-write")
-    moved = []
-    try:
-        report(progress, "write", 0, len(jobs), "writing results")
-        futures = [pool.submit(job) for job in jobs.values()]
-        for done, future in enumerate(futures, 1):
-            future.result()
-            report(progress, "write", done, len(jobs), "writing results")
-        pool.shutdown(wait=True)
-        # summary.json last: its presence means the result is complete.
-        for kind in sorted(jobs, key=lambda k: k == "summary"):
-            os.replace(staged[kind], out_dir / RESULT_FILES[kind])
-            moved.append(out_dir / RESULT_FILES[kind])
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        for path in moved:
-            path.unlink(missing_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    shutil.rmtree(staging, ignore_errors=True)
-    report(progress, "write", len(jobs), len(jobs), "results written",
-           seconds=round(time.perf_counter() - start, 2))
-    return {kind: out_dir / RESULT_FILES[kind] for kind in jobs}

@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -35,8 +33,9 @@ from vtk.util import numpy_support
 from . import validate
 from .errors import InputError
 from .grid import GeometryError, Grid
-from .io import RESULT_FILES, Volume, read_displacement, read_volume, write_volume
+from .io import Volume, read_displacement, read_volume, write_volume
 from .options import RegistrationOptions
+from .results import RESULT_FILES
 from .resources import check_new_weights_path  # noqa: F401  (the panel's fine-tune output)
 
 DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
@@ -304,12 +303,12 @@ def read_request(request: RegistrationRequest) -> RegistrationInputs:
     fixed_mask = moving_mask = None
     if request.fixedMaskNode is not None:
         fixed_mask = volume_from_node(request.fixedMaskNode, "fixed mask", labels=True)
-        validate.check_mask(fixed_mask, fixed, fixed_mask.name)
+        fixed_mask = validate.check_mask(fixed_mask, fixed, fixed_mask.name)
     if request.movingMaskNode is not None:
         mask_to_world = to_world(request.movingMaskNode, "moving mask")
         moving_mask = volume_from_node(request.movingMaskNode, "moving mask", labels=True,
                                        node_to_frame=world_to_moving @ mask_to_world)
-        validate.check_mask(moving_mask, moving, moving_mask.name)
+        moving_mask = validate.check_mask(moving_mask, moving, moving_mask.name)
     initial = None if np.allclose(world_to_moving, np.eye(4)) else world_to_moving
     return RegistrationInputs(fixed, moving, fixed_mask, moving_mask, initial)
 
@@ -379,15 +378,6 @@ def load_cli_result(request: RegistrationRequest, out_dir) -> RegistrationNodes:
 
 
 # ---- the background command -------------------------------------------------------------------
-def python_executable() -> str:
-    """The interpreter for background commands: PythonSlicer inside the Slicer application."""
-    if hasattr(slicer, "app"):
-        found = shutil.which("PythonSlicer")
-        if found:
-            return found
-    return sys.executable
-
-
 def parse_progress_line(line: str) -> dict | None:
     """One ``--progress json`` line as a dict, or None for anything else the command printed."""
     line = line.strip()
@@ -433,6 +423,7 @@ class CliJob:
         package_parent = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"
+        from .devices import python_executable
         self.command = [python or python_executable(), "-m", "LiquidRegLib.cli",
                         *map(str, arguments)]
         self._lines: queue.Queue = queue.Queue()

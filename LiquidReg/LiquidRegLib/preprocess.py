@@ -40,7 +40,10 @@ def working_grid(fixed_grid: Grid, spacing_mm: float, divisor: int) -> Grid:
 
 
 def working_image(volume, grid: Grid, world_map=None, mask=None, device="cpu") -> torch.Tensor:
-    """One image, intensity-normalised (inside ``mask`` if given), on ``grid``: (1, 1, I, J, K)."""
+    """One image, intensity-normalised (inside ``mask``, on the image's own grid: see
+    ``validate.check_mask``), on ``grid``: (1, 1, I, J, K)."""
+    if mask is not None and mask.grid != volume.grid:
+        raise ValueError("the mask must lie on its image's grid; pass it through validate.check_mask")
     array = resample(normalise_intensity(volume.array, None if mask is None else mask.array),
                      volume.grid, grid, world_map=world_map, device=device)
     return torch.as_tensor(array, dtype=torch.float32, device=device)[None, None]

@@ -18,8 +18,9 @@ from vtk.util import numpy_support
 from . import logic
 from .errors import InputError
 from .grid import LPS_FLIP, Grid
-from .io import RESULT_FILES, read_volume
+from .io import read_volume
 from .resources import folder
+from .results import RESULT_FILES
 
 SAMPLE_DIR = folder("sample")
 

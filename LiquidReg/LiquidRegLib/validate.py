@@ -53,8 +53,12 @@ def mask_on_grid(mask, grid: Grid) -> np.ndarray:
                     order="nearest") > 0
 
 
-def check_mask(mask, image, name: str | None = None) -> np.ndarray:
-    """Check a mask against its image; returns it as a boolean array on the image's grid."""
+def check_mask(mask, image, name: str | None = None):
+    """Check a mask against its image and return it on the image's grid (an ``io.Volume`` of
+    uint8 0/1).  A mask may be stored on its own grid (cropped, another orientation or spacing):
+    this is the one place it is resampled, once, for every caller (command line, Slicer, API)."""
+    from .io import Volume
+
     label = _label(mask, name)
     array = np.asarray(mask.array)
     if array.ndim != 3:
@@ -69,7 +73,7 @@ def check_mask(mask, image, name: str | None = None) -> np.ndarray:
     if not on_grid.any():
         raise InputError(f"{label} does not overlap {_label(image, None)} in world space; pass "
                          "the mask that was drawn on this image")
-    return on_grid
+    return Volume(on_grid.view(np.uint8), image.grid, label)
 
 
 def overlap_fraction(fixed_grid: Grid, moving_grid: Grid, world_map=None, samples: int = 24) -> float:
