@@ -18,7 +18,7 @@ from LiquidRegLib.results import RESULT_FILES
 
 from conftest import ORIENTATIONS, build_grid, rotation, world_image, world_labels
 
-COMMANDS = ("register", "apply", "evaluate", "finetune")
+COMMANDS = ("register", "apply", "evaluate", "finetune", "batch")
 
 
 # ---- help ------------------------------------------------------------------------------------

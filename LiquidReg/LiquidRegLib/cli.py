@@ -7,12 +7,12 @@ object per line so other programs (the Slicer module) can drive the command as a
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import signal
 import sys
 import threading
 import traceback
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,8 @@ class Reporter:
             self.close()
             self._stage = event.stage
             self._bar = tqdm(total=event.total, desc=event.stage, delay=1.0, file=sys.stderr,
-                             unit="step", dynamic_ncols=True, leave=True)
+                             unit="pair" if event.stage == "pairs" else "step",
+                             dynamic_ncols=True, leave=True)
         bar = self._bar
         if event.total is not None and event.total != bar.total:
             bar.total = event.total
@@ -63,6 +64,14 @@ class Reporter:
         bar.set_postfix_str(", ".join(([event.message] if event.message else []) + shown),
                             refresh=False)
         bar.update(max(event.step - bar.n, 0))
+
+    def pair(self, row: dict) -> None:
+        """One finished pair of a batch: a JSON line, or its error above the bar."""
+        if self.mode == "json":
+            self._emit({"event": "pair", **row})
+        elif self.mode == "bar" and row.get("error"):
+            from tqdm import tqdm
+            tqdm.write(f"{row['name']}: {row['status']}: {row['error']}", file=sys.stderr)
 
     def info(self, text: str) -> None:
         """A human message: stdout in bar mode, nowhere in json/none mode (stdout is data)."""
@@ -183,6 +192,56 @@ def run_register(args, reporter: Reporter, cancel=None) -> None:
     if isinstance(summary.get("pct_folding"), (int, float)):
         reporter.info(f"folding: {summary['pct_folding']:.4f} % of voxels")
     reporter.done(output=str(out), files={k: str(v) for k, v in paths.items()})
+
+
+# ---- batch -----------------------------------------------------------------------------------
+def run_batch(args, reporter: Reporter) -> None:
+    from . import batch
+    from .errors import BatchIncomplete, Cancelled
+    from .io import check_writable
+
+    if args.scheduler and args.workers is not None:
+        raise InputError("pass --workers (local processes) or --scheduler (a Dask cluster), not "
+                         "both; a cluster's size is set where its workers are started")
+    options = registration_options(args)
+    pairs = batch.read_pairs(args.pairs)
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output '{out}' is an existing file; pass a folder for the results")
+    check_writable(out / batch.TABLE_CSV)  # before any work: the pairs and the table go inside
+    order = {pair.name: index for index, pair in enumerate(pairs)}
+    results = []  # kept in the order of PAIRS.csv
+    reporter(ProgressEvent("pairs", 0, len(pairs), "registering"))
+    running = batch.register_many(pairs, out, options, workers=args.workers or 1,
+                                  scheduler=args.scheduler, threads=args.threads,
+                                  overwrite=args.overwrite, png=not args.no_png)
+    try:
+        with closing(running):  # leaving early stops the workers at once
+            for result in running:
+                results.append(result)
+                results.sort(key=lambda r: order[r.name])
+                batch.write_table(results, out)
+                reporter.pair(result.row())
+                reporter(ProgressEvent("pairs", len(results), len(pairs), result.name,
+                                       {"failed": sum(not r.ok for r in results)}))
+    except KeyboardInterrupt:
+        if results:
+            batch.write_table(results, out)
+        raise Cancelled(f"cancelled by the user; the {sum(r.ok for r in results)} finished pairs "
+                        f"are kept in '{out}'; rerun the same command to finish the rest") from None
+    table = batch.write_table(results, out)
+    failed = [r for r in results if not r.ok]
+    resumed = sum(r.status == "resumed" for r in results)
+    reporter.info(f"{len(results) - len(failed)} of {len(results)} pairs registered "
+                  f"({resumed} complete from an earlier run), {len(failed)} failed; table: "
+                  f"{table['csv']}")
+    if failed:
+        raise BatchIncomplete(f"{len(failed)} of {len(results)} pairs failed (first: "
+                              f"{failed[0].name}: {failed[0].error}); each error is in "
+                              f"{table['csv']}: fix them and rerun the same command, finished "
+                              "pairs are kept and skipped")
+    reporter.done(output=str(out), table={k: str(v) for k, v in table.items()},
+                  pairs=len(results), resumed=resumed)
 
 
 # ---- apply -----------------------------------------------------------------------------------
@@ -312,44 +371,17 @@ def run_evaluate(args, reporter: Reporter, cancel=None) -> None:
 
 # ---- finetune --------------------------------------------------------------------------------
 def pairs_from_csv(csv_path) -> list[tuple]:
-    """PairSpec tuples from a CSV with columns fixed,moving[,fixed_labels,moving_labels].
-
-    Relative paths are taken relative to the CSV's folder, so a data set can be moved as a whole.
-    """
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise InputError(f"pairs file '{csv_path}' does not exist; check the path")
-    base = csv_path.parent
-    try:
-        with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (UnicodeDecodeError, csv.Error):
-        raise InputError(f"pairs file '{csv_path}' is not a readable CSV; write it as text with a "
-                         "header line 'fixed,moving,fixed_labels,moving_labels'") from None
-    columns = set(rows[0]) if rows else set()
-    if not {"fixed", "moving"} <= columns:
-        raise InputError(f"pairs file '{csv_path}' needs a header with columns 'fixed' and 'moving' "
-                         "(optionally 'fixed_labels' and 'moving_labels')")
+    """PairSpec tuples from a CSV with columns fixed,moving[,fixed_labels,moving_labels]."""
+    from .io import read_csv_table
+    columns = ("fixed", "moving", "fixed_labels", "moving_labels")
     pairs = []
-    for line, row in enumerate(rows, start=2):
-        spec = []
-        for column in ("fixed", "moving", "fixed_labels", "moving_labels"):
-            value = (row.get(column) or "").strip()
-            if not value:
-                if column in ("fixed", "moving"):
-                    raise InputError(f"{csv_path.name} line {line}: the '{column}' column is empty; "
-                                     "give an image path in every row")
-                spec.append(None)
-                continue
-            path = Path(value).expanduser()
-            path = path if path.is_absolute() else base / path
-            if not path.is_file():
-                raise InputError(f"{csv_path.name} line {line}: {column} '{value}' does not exist "
-                                 f"(looked for '{path}'); fix the path")
-            spec.append(path)
-        pairs.append(tuple(spec))
-    if not pairs:
-        raise InputError(f"pairs file '{csv_path}' has no rows; add one line per image pair")
+    for line, row in read_csv_table(csv_path, required=columns[:2], optional=columns[2:],
+                                    paths=columns):
+        for column in columns:
+            if row[column] is not None and not row[column].is_file():
+                raise InputError(f"{Path(csv_path).name} line {line}: {column} '{row[column]}' "
+                                 "does not exist; fix the path")
+        pairs.append(tuple(row[column] for column in columns))
     return pairs
 
 
@@ -458,6 +490,22 @@ def _device_option(parser) -> None:
                         help="where to compute; auto uses a GPU when one is available")
 
 
+def _registration_options(p) -> None:
+    """The options of RegistrationOptions that register and batch share."""
+    _device_option(p)
+    p.add_argument("--mode", choices=MODES, default="fast",
+                   help="fast: the network alone (seconds); accurate: the network, then "
+                        f"{ACCURATE_ITERATIONS} optimisation steps on this pair")
+    p.add_argument("--iterations", type=int, metavar="N",
+                   help="for experts: this many optimisation steps instead of the mode's "
+                        "(0 = network only)")
+    p.add_argument("--regularisation", type=float, default=DEFAULT_REGULARISATION, metavar="W",
+                   help="smoothness weight of the optimisation steps (higher = smoother)")
+    p.add_argument("--no-affine", action="store_true",
+                   help="skip the affine pre-alignment (images already aligned)")
+    p.add_argument("--weights", metavar="W", help="network weights (default: the shipped ones)")
+
+
 REGISTER_EXAMPLES = """examples:
   liquidreg register fixed.nii.gz moving.nii.gz -o out/
       affine + deformable registration; writes out/warped.nii.gz, warp.nii.gz (ITK/ANTs
@@ -491,6 +539,19 @@ EVALUATE_EXAMPLES = """examples:
   liquidreg evaluate a.nii.gz b.nii.gz --labels 17,53 --transform out/warp.nii.gz
       only the hippocampi"""
 
+BATCH_EXAMPLES = """examples:
+  liquidreg batch pairs.csv -o cohort/ --workers 2
+      pairs.csv has a header 'fixed,moving[,fixed_mask,moving_mask,output]'; relative paths are
+      relative to the CSV's folder; each pair gets cohort/<output>/ with the files of 'register'
+      (default name: <moving>_to_<fixed>) and cohort/batch_summary.csv/.json list every pair
+  liquidreg batch pairs.csv -o cohort/ --mode accurate --scheduler tcp://head-node:8786
+      one task per pair on an existing Dask cluster (pip install 'liquidreg[dask]'); the images
+      and OUT must be on a file system the workers share
+  liquidreg batch pairs.csv -o cohort/
+      rerun after a crash or a failed pair: complete results are kept and skipped
+
+exit code 0: every pair registered; 4: some pairs failed (each with its error in the table)."""
+
 FINETUNE_EXAMPLES = """examples:
   liquidreg finetune --pairs pairs.csv -o my_weights.pt --steps 300
       pairs.csv has a header 'fixed,moving[,fixed_labels,moving_labels]'; relative paths are
@@ -512,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
                "-o warped_labels.nii.gz --interpolation nearest\n"
                "  liquidreg evaluate fixed_labels.nii.gz moving_labels.nii.gz --transform "
                "out/warp.nii.gz\n"
+               "  liquidreg batch pairs.csv -o cohort/ --workers 2\n"
                "  liquidreg finetune --pairs pairs.csv -o my_weights.pt")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -528,23 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("moving", nargs="?", metavar="MOVING", help="moving image, deformed onto FIXED")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output folder: new or empty (created if needed)")
-    _device_option(p)
-    p.add_argument("--mode", choices=MODES, default="fast",
-                   help="fast: the network alone (seconds); accurate: the network, then "
-                        f"{ACCURATE_ITERATIONS} optimisation steps on this pair")
-    p.add_argument("--iterations", type=int, metavar="N",
-                   help="for experts: this many optimisation steps instead of the mode's "
-                        "(0 = network only)")
-    p.add_argument("--regularisation", type=float, default=DEFAULT_REGULARISATION, metavar="W",
-                   help="smoothness weight of the optimisation steps (higher = smoother)")
-    p.add_argument("--no-affine", action="store_true",
-                   help="skip the affine pre-alignment (images already aligned)")
+    _registration_options(p)
     p.add_argument("--initial-affine", metavar="MAT",
                    help="starting fixed->moving transform: 4x4 RAS text matrix or ITK "
                         ".txt/.tfm/.mat file")
     p.add_argument("--fixed-mask", metavar="M", help="mask of the region of FIXED to align")
     p.add_argument("--moving-mask", metavar="M", help="mask of the region of MOVING to align")
-    p.add_argument("--weights", metavar="W", help="network weights (default: the shipped ones)")
     p.add_argument("--no-png", action="store_true", help="do not render overview.png")
     p.add_argument("--no-inverse", action="store_true",
                    help="do not compute or write inverse_warp.nii.gz (faster)")
@@ -552,6 +603,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the previous result in OUT (as a whole; a folder holding other "
                         "files is never replaced)")
     p.set_defaults(run=run_register)
+
+    p = commands.add_parser(
+        "batch", parents=[common], formatter_class=_Formatter, epilog=BATCH_EXAMPLES,
+        help="register many pairs listed in a CSV (local processes or a Dask cluster)",
+        description=_paragraph("Register every pair listed in PAIRS.csv, each into its own result "
+                    "folder. Each worker loads the network once; a pair that fails is recorded "
+                    "with its error and the others go on; a rerun skips the pairs already done. "
+                    "A table of every pair (status, time, folding, similarity) is written as CSV "
+                    "and JSON."))
+    p.add_argument("pairs", metavar="PAIRS.csv",
+                   help="CSV with columns fixed,moving[,fixed_mask,moving_mask,output]")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output folder: one result folder per pair and the batch table")
+    _registration_options(p)
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="pairs registered at once in local processes (default 1: in this process)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="address of a Dask scheduler, e.g. tcp://host:8786: one task per pair on "
+                        "its workers")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads per worker (default: the cores shared among --workers; "
+                        "Dask workers keep their own setting)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="register again the pairs that already have a result folder")
+    p.add_argument("--no-png", action="store_true", help="do not render overview.png")
+    p.set_defaults(run=run_batch, initial_affine=None)  # no one starting transform for all
 
     p = commands.add_parser(
         "apply", parents=[common], formatter_class=_Formatter, epilog=APPLY_EXAMPLES,

@@ -1,5 +1,5 @@
-"""Which torch device to run on ("auto" takes CUDA when PyTorch sees a GPU), and how a
-LiquidReg process uses the CPU's memory."""
+"""Which torch device to run on ("auto" takes CUDA when PyTorch sees a GPU), and how a LiquidReg
+process uses the CPU's memory."""
 from __future__ import annotations
 
 import sys
@@ -41,3 +41,4 @@ def reuse_freed_memory() -> None:
         libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
     except (OSError, AttributeError):  # not glibc: keep the defaults
         pass
+

@@ -29,3 +29,9 @@ class TrainingDiverged(LiquidRegError):
     """Too many consecutive non-finite steps; the last good weights were kept."""
 
     exit_code = 3
+
+
+class BatchIncomplete(LiquidRegError):
+    """A batch finished but some of its pairs failed; each one's error is in the batch table."""
+
+    exit_code = 4

@@ -291,6 +291,47 @@ def _affine_from(path: Path, name: str) -> np.ndarray:
     return LPS_FLIP @ lps @ LPS_FLIP
 
 
+def read_csv_table(csv_path, *, required, optional=(), paths=()) -> list[tuple[int, dict]]:
+    """Rows of a CSV of image lists (pairs files): [(line number, {column: value})].
+
+    Empty cells become None; every row needs the ``required`` columns.  Values of the ``paths``
+    columns become Paths, relative ones taken relative to the CSV's folder so a data set can be
+    moved as a whole.  Whether those files exist is for the caller to decide.
+    """
+    import csv
+    csv_path = Path(csv_path)
+    header = ",".join((*required, *optional))
+    if not csv_path.is_file():
+        raise InputError(f"pairs file '{csv_path}' does not exist; check the path")
+    try:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error):
+        raise InputError(f"pairs file '{csv_path}' is not a readable CSV; write it as text with a "
+                         f"header line '{header}'") from None
+    if not rows:
+        raise InputError(f"pairs file '{csv_path}' has no rows; add a header line '{header}' and "
+                         "one line per image pair")
+    if not set(required) <= set(rows[0]):
+        raise InputError(f"pairs file '{csv_path}' needs a header with the columns "
+                         f"{' and '.join(repr(c) for c in required)} (optional: "
+                         f"{', '.join(optional)})")
+    table = []
+    for line, row in enumerate(rows, start=2):
+        values = {}
+        for column in (*required, *optional):
+            value = (row.get(column) or "").strip() or None
+            if value is None and column in required:
+                raise InputError(f"{csv_path.name} line {line}: the '{column}' column is empty; "
+                                 "give a value in every row")
+            if value is not None and column in paths:
+                value = Path(value).expanduser()
+                value = value if value.is_absolute() else csv_path.parent / value
+            values[column] = value
+        table.append((line, values))
+    return table
+
+
 # ---- writing ---------------------------------------------------------------------------------
 #: Bytes handed to the compressor or the disk at once when an image is streamed to a file.
 _CHUNK_BYTES = 1 << 22

@@ -43,7 +43,7 @@ def _similarity(pair, moving=None) -> float:
 
 
 def register(fixed, moving, options: RegistrationOptions | None = None, *, fixed_mask=None,
-             moving_mask=None, progress=None, cancel=None, inverse: bool = True,
+             moving_mask=None, progress=None, cancel=None, inverse: bool = True, model=None,
              **settings) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (``io.Volume``-like objects) and return the full mapping.
 
@@ -52,6 +52,8 @@ def register(fixed, moving, options: RegistrationOptions | None = None, *, fixed
     Masks may lie on their own grids: each is resampled onto its image's grid once, here.
     ``inverse=False`` skips the inverse mapping (an output, not a choice of how to register),
     for callers that never read it, such as the Slicer panel.
+    ``model``: a (network, info) pair from ``checkpoint.load_model`` to use instead of loading
+    ``options.weights``, so that a batch worker loads the network once for all its pairs.
     """
     options = RegistrationOptions.of(options, **settings)
     timings, started = {}, time.perf_counter()
@@ -62,7 +64,11 @@ def register(fixed, moving, options: RegistrationOptions | None = None, *, fixed
     if moving_mask is not None:
         moving_mask = validate.check_mask(moving_mask, moving, "moving mask")
     dev = resolve_device(options.device)
-    model, info = checkpoint.load_model(options.weights, dev)
+    if model is None:
+        model, info = checkpoint.load_model(options.weights, dev)
+    else:
+        model, info = model
+        model.to(dev)  # a CUDA out-of-memory retry of an earlier pair may have left it on the CPU
     memory.check(fixed.grid, moving.grid,
                  working_grid(fixed.grid, model.config.working_spacing, model.config.divisor),
                  options.steps)
