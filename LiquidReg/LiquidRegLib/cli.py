@@ -195,7 +195,7 @@ def run_register(args, reporter: Reporter, cancel=None) -> None:
 
 
 # ---- batch -----------------------------------------------------------------------------------
-def run_batch(args, reporter: Reporter) -> None:
+def run_batch(args, reporter: Reporter, cancel=None) -> None:
     from . import batch
     from .errors import BatchIncomplete, Cancelled
     from .io import check_writable
@@ -218,13 +218,14 @@ def run_batch(args, reporter: Reporter) -> None:
     try:
         with closing(running):  # leaving early stops the workers at once
             for result in running:
+                check(cancel)
                 results.append(result)
                 results.sort(key=lambda r: order[r.name])
                 batch.write_table(results, out)
                 reporter.pair(result.row())
                 reporter(ProgressEvent("pairs", len(results), len(pairs), result.name,
                                        {"failed": sum(not r.ok for r in results)}))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Cancelled):
         if results:
             batch.write_table(results, out)
         raise Cancelled(f"cancelled by the user; the {sum(r.ok for r in results)} finished pairs "

@@ -36,7 +36,7 @@ STAGE_NAMES = {"prepare": "Preparing the pairs", "affine": "Affine alignment",
                "network": "Network", "instance": "Instance optimisation",
                "resample": "Full resolution", "write": "Saving results",
                "train": "Training", "finetune": "Fine-tuning the network",
-               "evaluate": "Evaluating"}
+               "evaluate": "Evaluating", "pairs": "Registering pairs"}
 
 CANCELLED = "cancelled by the user; nothing was changed"
 _NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)
