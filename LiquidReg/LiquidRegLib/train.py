@@ -46,6 +46,7 @@ class LossWeights:
     dice: float = 1.0          # soft Dice of warped one-hot labels, when labels exist
     smoothness: float = 1.0    # diffusion regulariser on the velocity field (voxels^2)
     folding: float = 10.0      # hinge on J <= 0 of the displacement
+    levels: float = 0.0        # Dice of each coarser level's estimate (deep supervision)
 
 
 @dataclass
@@ -84,8 +85,9 @@ def registration_loss(velocity: torch.Tensor, batch: dict, weights: LossWeights,
 
     ``batch`` holds ``fixed``/``moving`` (N, 1, I, J, K) and optionally ``fixed_labels``/
     ``moving_labels`` (int, 0 = background, with ``num_labels``), ``fixed_mask`` and
-    ``similarity_weight`` (overrides ``weights.similarity``: 0 for cross-contrast pairs).
-    Folding is penalised on the displacement at the velocity's resolution, where it arises.
+    ``same_contrast`` ((N,) bool: LNCC counts only for those items, since it means nothing
+    between different contrasts).  Folding is penalised on the displacement at the velocity's
+    resolution, where it arises.
     """
     with torch.autocast(device_type=velocity.device.type, enabled=False):
         velocity = velocity.float()
@@ -94,11 +96,15 @@ def registration_loss(velocity: torch.Tensor, batch: dict, weights: LossWeights,
         disp = diffeo.resize_field(coarse, fixed.shape[2:])
         terms = {}
         total = velocity.new_zeros(())
-        similarity = float(batch.get("similarity_weight", weights.similarity))
-        if similarity:
+        same = batch.get("same_contrast")
+        use = (torch.ones(fixed.shape[0], device=fixed.device) if same is None
+               else torch.as_tensor(same, device=fixed.device).float().view(-1))
+        if weights.similarity and bool(use.any()):
             warped = diffeo.warp(moving, disp)
-            terms["lncc"] = losses.lncc_loss(fixed, warped, lncc_window, batch.get("fixed_mask"))
-            total = total + similarity * terms["lncc"]
+            per_item = losses.lncc_loss(fixed, warped, lncc_window, batch.get("fixed_mask"),
+                                        per_item=True)
+            terms["lncc"] = (per_item * use).sum() / use.sum()
+            total = total + weights.similarity * (per_item * use).mean()
         if weights.dice and batch.get("fixed_labels") is not None:
             k = int(batch["num_labels"])
             warped_labels = diffeo.warp(one_hot(batch["moving_labels"], k), disp)
@@ -111,6 +117,30 @@ def registration_loss(velocity: torch.Tensor, batch: dict, weights: LossWeights,
             terms["fold"] = losses.folding_loss(diffeo.jacobian_determinant(coarse))
             total = total + weights.folding * terms["fold"]
         return total, terms
+
+
+def pool_to_level(volume: torch.Tensor, level: int) -> torch.Tensor:
+    """Average ``volume`` onto the grid of pyramid level ``level`` (voxel i at 2^level i): a
+    centred box of 2^(level+1) - 1 voxels per output, so no half-voxel shift."""
+    if level == 0:
+        return volume
+    s = 2 ** level
+    return F.avg_pool3d(volume, 2 * s - 1, stride=s, padding=s - 1, count_include_pad=False)
+
+
+def level_dice_loss(estimates, batch: dict, squarings: int) -> torch.Tensor:
+    """Mean soft-Dice loss of the estimates after each coarse level, at that level's resolution:
+    every scale of the coarse-to-fine optimiser gets its own, direct signal."""
+    k = int(batch["num_labels"])
+    fixed, moving = one_hot(batch["fixed_labels"], k), one_hot(batch["moving_labels"], k)
+    terms = []
+    for level, velocity in estimates:
+        if level == 0:
+            continue
+        disp = diffeo.integrate_velocity(velocity.float(), squarings)
+        warped = diffeo.warp(pool_to_level(moving, level), disp)
+        terms.append(losses.dice_loss(pool_to_level(fixed, level), warped))
+    return torch.stack(terms).mean() if terms else fixed.new_zeros(())
 
 
 class InstanceVelocity(nn.Module):
@@ -218,10 +248,17 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
         optimizer.zero_grad(set_to_none=True)
         autocast = torch.autocast(device.type, dtype=torch.float16 if use_fp16 else torch.bfloat16,
                                   enabled=use_fp16 or use_bf16)
+        deep = bool(config.weights.levels) and batch.get("fixed_labels") is not None
         with autocast:
-            velocity = trainable(batch["fixed"], batch["moving"])
+            velocity = trainable(batch["fixed"], batch["moving"], **batch.get("model_kwargs", {}),
+                                 **({"every_level": True} if deep else {}))
+        velocity, estimates = velocity if deep else (velocity, ())
         loss, terms = registration_loss(velocity, batch, config.weights, core.squarings,
                                         config.lncc_window)
+        if deep:
+            with torch.autocast(device.type, enabled=False):
+                terms["levels"] = level_dice_loss(estimates, batch, core.squarings)
+            loss = loss + config.weights.levels * terms["levels"]
         grad_norm = float("nan")
         applied = False
         if _all_finite(bool(torch.isfinite(loss)), device):
@@ -231,7 +268,7 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
             if _all_finite(math.isfinite(grad_norm), device):
                 state.clipped += grad_norm > config.clip_norm
                 scaler.step(optimizer)
-                applied = all(bool(torch.isfinite(p).all()) for p in params)
+                applied = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
                 if not applied:  # cannot happen with finite grads and a sane lr; never keep it
                     core.load_state_dict(last_good)
             scaler.update()
