@@ -32,7 +32,8 @@ from LiquidRegLib.data.pairs import PairSampler
 from LiquidRegLib.devices import resolve_device, reuse_freed_memory
 from LiquidRegLib.model import LiquidReg, ModelConfig
 
-CURVE_FIELDS = ["step", "seconds", "lr", "loss", "dice", "lncc", "smooth", "fold", "grad_norm",
+CURVE_FIELDS = ["step", "seconds", "lr", "loss", "dice", "levels", "lncc", "smooth", "fold",
+                "grad_norm",
                 "skipped", "clipped", "val_dice", "val_dice_anatomy", "val_dice_shapes",
                 "val_identity", "best"]
 
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", type=float, default=0,
                         help="stop this invocation after about this many minutes (0: no limit)")
     parser.add_argument("--lr", type=float, default=train.TrainConfig.lr)
+    parser.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
     parser.add_argument("--final-lr", type=float, help="learning rate after --final-step")
     parser.add_argument("--final-step", type=int, default=0)
     parser.add_argument("--batch", type=int, default=1)
@@ -61,6 +63,8 @@ def main(argv=None) -> int:
                         help="weight of the diffusion regulariser on the velocity (voxels^2)")
     parser.add_argument("--similarity", type=float, default=1.0,
                         help="weight of 1 - LNCC on pairs that share a contrast")
+    parser.add_argument("--level-weight", type=float, default=0.5,
+                        help="weight of the Dice of each coarser level's estimate (deep supervision)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
@@ -87,11 +91,11 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)  # same initial weights on every replica
     model = LiquidReg(model_config)
     weights = train.LossWeights(similarity=args.similarity, dice=1.0, smoothness=args.smoothness,
-                                folding=10.0)
+                                folding=10.0, levels=args.level_weight)
     recipe = {"data": sampler.describe(), "validation": {"pairs": args.val_pairs,
                                                          "subjects": B.split_names(bundle, "validation")},
               "world_size": world, "batch": args.batch, "lr": args.lr,
-              "final_lr": args.final_lr, "final_step": args.final_step,
+              "final_lr": args.final_lr, "final_step": args.final_step, "warmup": args.warmup,
               "loss_weights": weights.__dict__, "random_ltc_steps": "1..default+1 per level",
               "device": str(device)}
     ckpt = out / "checkpoint.ckpt"
@@ -108,19 +112,20 @@ def main(argv=None) -> int:
 
     curve = out / "curve.csv"
     trained_before = state["seconds"]
+    started = time.time()  # --minutes bounds training, not loading
     while state["step"] < args.steps:
         if args.minutes and time.time() - started > args.minutes * 60:
             break
         target = min(args.steps, state["step"] + args.val_every)
         lr = args.final_lr if args.final_lr and state["step"] >= args.final_step else args.lr
-        config = train.TrainConfig(steps=target, lr=lr, seed=args.seed, checkpoint_every=0,
-                                   weights=weights)
+        config = train.TrainConfig(steps=target, lr=lr, warmup_steps=args.warmup, seed=args.seed,
+                                   checkpoint_every=0, weights=weights)
         sums, count = {}, 0
 
         def on_progress(event):
             nonlocal count
             count += 1
-            for key in ("loss", "dice", "lncc", "smooth", "fold", "grad_norm"):
+            for key in ("loss", "dice", "levels", "lncc", "smooth", "fold", "grad_norm"):
                 value = event.metrics.get(key)
                 if value is not None and value == value:  # skip NaN (skipped steps)
                     sums[key] = sums.get(key, 0.0) + value

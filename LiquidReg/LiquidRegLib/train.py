@@ -53,6 +53,7 @@ class LossWeights:
 class TrainConfig:
     steps: int = 1000
     lr: float = 1e-4
+    warmup_steps: int = 0            # linear learning-rate warm-up (Adam's first steps are large)
     clip_norm: float = 1.0
     amp: bool = True                 # autocast on CUDA (fp16 + GradScaler); ignored on CPU
     cpu_bf16: bool = False           # optional bf16 autocast on CPU
@@ -246,6 +247,9 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
         batch = {k: (v.to(device) if torch.is_tensor(v) else v)
                  for k, v in batch_for_step(state.step).items()}
         optimizer.zero_grad(set_to_none=True)
+        if config.warmup_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * min(1.0, (state.step + 1) / config.warmup_steps)
         autocast = torch.autocast(device.type, dtype=torch.float16 if use_fp16 else torch.bfloat16,
                                   enabled=use_fp16 or use_bf16)
         deep = bool(config.weights.levels) and batch.get("fixed_labels") is not None
