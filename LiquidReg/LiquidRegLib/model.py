@@ -49,6 +49,7 @@ class ModelConfig:
     velocity_scale: float = 1.0         # head output (voxels of its level) -> velocity
     squarings: int = 7
     working_spacing: float = 2.0        # mm; the grid the network sees (see preprocess)
+    symmetric: bool = True              # v = (v(f, m) - v(m, f)) / 2: inverse-consistent
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -215,7 +216,23 @@ class LiquidReg(nn.Module):
         """``steps``: LTC steps per level (coarse levels last), an int for every level, or None
         for the configured default; more steps refine further.  ``every_level``: also return the
         estimate after each level, coarse to fine, as (level, velocity in that level's voxels),
-        so training can supervise every scale."""
+        so training can supervise every scale.
+
+        Symmetric models run both directions as one batch and return half their difference:
+        swapping the images gives exactly the inverse map (exp(-v)), and an image registered to
+        itself gives exactly the identity.
+        """
+        if not self.config.symmetric:
+            return self._one_way(fixed, moving, steps, every_level)
+        n = fixed.shape[0]
+        both = self._one_way(torch.cat([fixed, moving]), torch.cat([moving, fixed]), steps,
+                             every_level)
+        if not every_level:
+            return (both[:n] - both[n:]) / 2
+        v, estimates = both
+        return (v[:n] - v[n:]) / 2, [(level, (e[:n] - e[n:]) / 2) for level, e in estimates]
+
+    def _one_way(self, fixed, moving, steps, every_level: bool):
         cfg = self.config
         levels = len(cfg.channels)
         if steps is None:
