@@ -12,8 +12,11 @@ import torch
 from LiquidRegLib import diffeo
 from liquidreg_tools.data import labels as L
 from liquidreg_tools.data.deform import DeformConfig, random_deformation
+from liquidreg_tools.data import bundle as B
+from liquidreg_tools.data import validation
+from liquidreg_tools.data.bundle import Bundle
 from liquidreg_tools.data.pairs import PairConfig, PairSampler
-from liquidreg_tools.data.subjects import Subject
+from liquidreg_tools.data.shapes import random_label_map
 from liquidreg_tools.data.synth import SynthConfig, augment_image, synthesize
 from LiquidRegLib.grid import Grid
 from LiquidRegLib.resources import sample_paths
@@ -252,34 +255,44 @@ def test_pure_affine_deformation_matches_its_matrix():
     assert np.allclose(got, expected, atol=1e-3)
 
 
-# ---- pair sampler ----------------------------------------------------------------------------
-def toy_subject(name, squash, t1=False, dk=False) -> Subject:
-    labels = toy_brain((44, 52, 44), squash)
-    if dk:  # split the cortex into two parcels per hemisphere
-        front = np.arange(labels.shape[1])[None, :, None] > labels.shape[1] // 2
-        labels = np.where(labels == 3, np.where(front, 1028, 1029), labels)
-        labels = np.where(labels == 42, np.where(front, 2028, 2029), labels).astype(np.int16)
-    grid = Grid(labels.shape, np.diag([1.5, 1.5, 1.5, 1.0]) @ np.array(
-        [[1, 0, 0, -22], [0, 1, 0, -26], [0, 0, 1, -22], [0, 0, 0, 1.0]]))
-    brain = (labels > 0).astype(np.uint8)
-    image = None
-    if t1:  # a "T1" that is an exact function of the labels: WM 0.9, cortex 0.5, ...
-        image = np.select([np.isin(L.to_level(labels, "coarse"), c) for c in
-                           ((2, 41), (3, 42), (10, 49), (4, 43))], [0.9, 0.5, 0.7, 0.1], 0.0)
-        image = image.astype(np.float32)
-    reliable = [int(v) for v in np.unique(labels) if v > 0]
-    return Subject(name, "individual", grid, labels.astype(np.int16), brain, image, reliable)
+# ---- bundle and pair sampler -------------------------------------------------------------------
+def toy_bundle(shape=(32, 40, 32)) -> Bundle:
+    """Three toy anatomies on one 2 mm grid, as in a training bundle: "a" (parcellated, with a
+    T1 that is an exact function of its labels), "b" (parcellated), "c" (coarse only), plus "v"
+    held back for validation."""
+    labels, t1, info = [], {}, {}
+    for name, squash, dk, split in (("a", 1.0, True, "train"), ("b", 0.85, True, "train"),
+                                    ("c", 1.1, False, "train"), ("v", 0.95, True, "validation")):
+        lab = toy_brain(shape, squash)
+        if dk:  # split the cortex into two parcels per hemisphere
+            front = np.arange(shape[1])[None, :, None] > shape[1] // 2
+            lab = np.where(lab == 3, np.where(front, 1028, 1029), lab)
+            lab = np.where(lab == 42, np.where(front, 2028, 2029), lab).astype(np.int16)
+        if name == "a":
+            t1[name] = np.select([np.isin(L.to_level(lab, "coarse"), c) for c in
+                                  ((2, 41), (3, 42), (10, 49), (4, 43))],
+                                 [0.9, 0.5, 0.7, 0.1], 0.0).astype(np.float32)
+        reliable = [int(v) for v in np.unique(lab) if v > 0]
+        info[name] = {"levels": L.subject_levels(reliable), "reliable_labels": reliable,
+                      "split": split}
+        labels.append(lab)
+    return Bundle(Grid(shape, np.diag([2.0, 2.0, 2.0, 1.0])), list(info), np.stack(labels), t1,
+                  info)
 
 
-def make_sampler(**kw) -> PairSampler:
-    subjects = [toy_subject("a", 1.0, t1=True, dk=True), toy_subject("b", 0.85, dk=True),
-                toy_subject("c", 1.1)]
-    kw.setdefault("shape", (32, 40, 32))
-    return PairSampler(subjects=subjects, working_spacing=2.0, **kw)
+
+def test_bundle_round_trips_through_its_file(tmp_path):
+    bundle = toy_bundle()
+    B.save(bundle, tmp_path / "bundle.npz")
+    back = B.load(tmp_path / "bundle.npz")
+    assert back.names == bundle.names and back.grid == bundle.grid
+    assert np.array_equal(back.labels, bundle.labels) and back.info == bundle.info
+    assert np.abs(back.t1["a"] - bundle.t1["a"]).max() <= 0.5 / 255 + 1e-6
+    assert B.split_names(back, "validation") == ["v"]
 
 
 def test_sampler_batches_have_the_contract_shapes_and_are_reproducible():
-    sampler = make_sampler(batch_size=2)
+    sampler = PairSampler(toy_bundle(), batch_size=2)
     batch = sampler.sample(torch.Generator().manual_seed(0))
     for key in ("fixed", "moving"):
         assert batch[key].shape == (2, 1, 32, 40, 32) and batch[key].dtype == torch.float32
@@ -292,77 +305,96 @@ def test_sampler_batches_have_the_contract_shapes_and_are_reproducible():
     assert all(torch.equal(batch[k], again[k]) for k in ("fixed", "moving", "fixed_labels"))
     other = sampler.sample(torch.Generator().manual_seed(1))
     assert not torch.equal(batch["fixed"], other["fixed"])
-    assert sampler.describe()["subjects"] == ["a", "b", "c"]
+    assert sampler.describe()["subjects"] == ["a", "b", "c"]  # never the validation anatomy
 
 
-def test_sampler_uses_shared_labels_at_the_finest_common_level():
-    sampler = make_sampler(config=PairConfig(same_subject_prob=0.0))
+def test_sampler_pairs_different_anatomies_over_their_shared_labels():
+    bundle = toy_bundle()
+    sampler = PairSampler(bundle, config=PairConfig(shapes_prob=0.0, same_subject_prob=0.0,
+                                                    identical_prob=0.0))
     seen = set()
     for seed in range(8):
         batch = sampler.sample(torch.Generator().manual_seed(seed))
-        (pair,), (ids,) = batch["pairs"], batch["label_ids"]
+        (pair,) = batch["pairs"]
         seen.add(pair)
-        assert pair[0] != pair[1]
-        if "c" in pair:  # c has no parcels: coarse level, cortex compared as a whole
-            assert 3 in ids and not any(i > 1000 for i in ids)
-        else:
-            assert {1028, 1029, 2028, 2029} <= set(ids) and 3 not in ids
+        assert pair[0] != pair[1] and "v" not in pair
+        level, ids = B.shared(bundle, *pair)
+        assert level == ("coarse" if "c" in pair else "dk")
         assert batch["num_labels"] == len(ids) + 1
     assert len(seen) >= 3
 
 
+def test_validation_pairs_put_the_held_back_anatomy_against_the_training_ones():
+    bundle = toy_bundle()
+    pairs = validation.make_pairs(bundle, 6)
+    again = validation.make_pairs(bundle, 6)
+    assert all(torch.equal(p["fixed"], q["fixed"]) for p, q in zip(pairs, again))
+    anatomy = [p["names"] for p in pairs if p["names"][0] != "shapes"]
+    assert anatomy and all(f == "v" and m in ("a", "b", "c") for f, m in anatomy)
+
+
 def test_real_image_and_labels_are_warped_by_the_same_deformation():
     """Subject "a" has a T1 that is a function of its labels; after the sampler deforms both,
-    the image must still be that function of the warped labels (up to interpolation edges), with
-    the T1's ordering white matter > thalamus > cortex (the tiny ventricles sit below the
-    robust-normalisation percentile, like real CSF, so they are left out of the ordering)."""
-    sampler = make_sampler(config=PairConfig(same_subject_prob=1.0, real_image_prob=1.0),
-                           synth=QUIET)
-    sampler.subjects = [s for s in sampler.subjects if s.name == "a"]
-    order = (2, 10, 3)
+    the image must still be that function of the warped labels (up to interpolation edges)."""
+    bundle = toy_bundle()
+    bundle.info = {k: dict(v, split="train" if k == "a" else "other") for k, v in bundle.info.items()}
+    sampler = PairSampler(bundle, config=PairConfig(shapes_prob=0.0, real_image_prob=1.0,
+                                                    identical_prob=0.0), synth=QUIET)
     for seed in range(3):
         batch = sampler.sample(torch.Generator().manual_seed(seed))
-        coarse_of_index = [0] + [int(c) for c in L.to_level(np.array(batch["label_ids"][0]),
-                                                            "coarse")]
         for side in ("fixed", "moving"):
-            image, labels = batch[side][0, 0], batch[f"{side}_labels"][0, 0]
-            assert correlation_ratio(image, labels) > 0.9
-            coarse = torch.as_tensor(coarse_of_index)[labels]
-            coarse = torch.where(coarse > 40, coarse - 39, coarse)  # right -> left ids
-            means = [image[coarse == c].mean().item() for c in order]
-            assert means == sorted(means, reverse=True), means
+            assert correlation_ratio(batch[side][0, 0], batch[f"{side}_labels"][0, 0]) > 0.9
         # The two sides are deformed differently.
         assert (batch["fixed_labels"] != batch["moving_labels"]).float().mean() > 0.01
 
 
+def test_images_show_coarse_structures_not_parcel_boundaries():
+    """Real scans never show where one cortical parcel ends and the next begins: synthesised
+    images give every parcel of a hemisphere's cortex the same intensity."""
+    sampler = PairSampler(toy_bundle(), config=PairConfig(shapes_prob=0.0, real_image_prob=0.0,
+                                                          t1_like_prob=0.0), synth=QUIET)
+    for seed in range(4):
+        item = sampler.sample_pair(torch.Generator().manual_seed(seed))
+        if "c" in item["names"]:
+            continue
+        image, labels = item["fixed"][0, 0], item["fixed_labels"][0, 0]
+        level, ids = B.shared(sampler.bundle, *item["names"])
+        index = {i: n + 1 for n, i in enumerate(ids)}
+        front, back = image[labels == index[1028]], image[labels == index[1029]]
+        assert front.numel() > 50 and back.numel() > 50
+        assert abs(front.median() - back.median()) < 1e-4
+
+
 def test_same_contrast_flag_matches_the_images():
-    shared = make_sampler(config=PairConfig(same_contrast_prob=1.0, real_image_prob=0.0),
-                          synth=QUIET, batch_size=2)
-    # Only the parcellated subjects: each compact label is then exactly one shared-scheme id.
-    shared.subjects = [s for s in shared.subjects if s.name in ("a", "b")]
+    shared = PairSampler(toy_bundle(), batch_size=2, synth=QUIET, config=PairConfig(
+        shapes_prob=0.0, same_contrast_prob=1.0, real_image_prob=0.0, t1_like_prob=0.0,
+        identical_prob=0.0))
     batch = shared.sample(torch.Generator().manual_seed(0))
     assert batch["same_contrast"].tolist() == [True, True]
-    for n in range(2):  # shared labels' intensities agree up to each image's min-max rescale
-        pairs = []
-        for idx in range(1, batch["num_labels"]):
-            f = batch["fixed"][n][batch["fixed_labels"][n] == idx]
-            m = batch["moving"][n][batch["moving_labels"][n] == idx]
-            if f.numel() and m.numel():
-                pairs.append((f.median().item(), m.median().item()))
-        assert len(pairs) > 3 and np.corrcoef(np.array(pairs).T)[0, 1] > 0.999
-    independent = make_sampler(config=PairConfig(same_contrast_prob=0.0, real_image_prob=0.0),
-                               batch_size=2)
+    independent = PairSampler(toy_bundle(), batch_size=2, config=PairConfig(
+        shapes_prob=0.0, same_contrast_prob=0.0, real_image_prob=0.0, t1_like_prob=0.0,
+        identical_prob=0.0))
     assert independent.sample(torch.Generator().manual_seed(0))["same_contrast"].tolist() == [
         False, False]
 
 
-def test_sampler_rejects_a_shape_the_network_cannot_divide():
-    from LiquidRegLib.errors import InputError
+def test_identical_pairs_are_one_image_twice():
+    sampler = PairSampler(toy_bundle(), config=PairConfig(identical_prob=1.0))
+    for seed in range(3):
+        item = sampler.sample_pair(torch.Generator().manual_seed(seed))
+        assert torch.equal(item["fixed"], item["moving"]) and item["same_contrast"]
+        assert torch.equal(item["fixed_labels"], item["moving_labels"])
 
-    with pytest.raises(InputError, match="multiple of 8"):
-        make_sampler(shape=(30, 40, 32))
-    with pytest.raises(InputError, match="fetch_data"):
-        PairSampler("/nonexistent/data")
+
+def test_random_label_maps_have_blobs_inside_an_outline():
+    generator = torch.Generator().manual_seed(3)
+    labels, n = random_label_map((32, 40, 32), generator)
+    ids = labels.unique().tolist()
+    assert labels.shape == (1, 1, 32, 40, 32) and 12 <= n <= 26
+    assert ids[0] == 0 and len(ids) >= n // 2  # background plus most of the labels
+    assert labels[0, 0, 0, 0, 0] == 0 and labels[0, 0, 16, 20, 16] > 0  # corner out, centre in
+    again, _ = random_label_map((32, 40, 32), torch.Generator().manual_seed(3))
+    assert torch.equal(labels, again)
 
 
 # ---- the shipped sample pair -----------------------------------------------------------------

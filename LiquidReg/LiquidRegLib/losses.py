@@ -61,13 +61,14 @@ def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9,
         return (cross / torch.sqrt(variance + eps)).float()
 
 
-def lncc_loss(fixed, warped, window: int = 9, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """1 - mean local NCC (within ``mask`` if given); in [0, 2]."""
+def lncc_loss(fixed, warped, window: int = 9, mask: torch.Tensor | None = None,
+              per_item: bool = False) -> torch.Tensor:
+    """1 - mean local NCC (within ``mask`` if given); in [0, 2].  ``per_item``: one value per
+    batch item (N,), so a batch can weigh its items differently."""
     cc = local_ncc(fixed, warped, window)
-    if mask is None:
-        return 1.0 - cc.mean()
-    w = mask.float()
-    return 1.0 - (cc * w).sum() / w.sum().clamp(min=1.0)
+    w = torch.ones_like(cc) if mask is None else mask.float().expand_as(cc)
+    dims = tuple(range(1, cc.dim())) if per_item else tuple(range(cc.dim()))
+    return 1.0 - (cc * w).sum(dims) / w.sum(dims).clamp(min=1.0)
 
 
 def dice_loss(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor,

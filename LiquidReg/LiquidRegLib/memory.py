@@ -23,8 +23,8 @@ FIXED_BYTES_PER_VOXEL = 26          # the image (float32) + displacement (3) + w
 MOVING_BYTES_PER_VOXEL = 16         # the image + the inverse displacement (3)
 SLAB_BYTES_PER_VOXEL = 40           # the output stage's slabs (register.SLAB_VOXELS) ...
 SLAB_BYTES = 250 * 2 ** 20          # ... at most
-WORKING_BYTES_PER_VOXEL = 220       # network on the working grid
-INSTANCE_BYTES_PER_VOXEL = 360      # network + instance optimisation
+WORKING_BYTES_PER_VOXEL = 420       # network on the working grid (v2: 2 mm refinement)
+INSTANCE_BYTES_PER_VOXEL = 700      # network + instance optimisation
 MARGIN = 1.1
 
 

@@ -1,19 +1,30 @@
-"""The LiquidReg network: a pyramid of image features, refined coarse to fine by a liquid
-time-constant (LTC) recurrent cell whose parameters a hypernetwork modulates for each pair.
+"""The LiquidReg network: a liquid time-constant (LTC) cell used as a learned iterative optimiser
+of a stationary velocity field, coarse to fine, modulated for each pair by a hypernetwork.
 
-At every level the cell looks at the fixed features next to the moving features *warped by the
-current estimate* and takes a few LTC steps
+A shared (siamese) encoder gives features of both images at 1, 1/2, 1/4 and 1/8 of the working
+grid (2, 4, 8, 16 mm).  From the coarsest level to the working grid, the cell takes a few steps;
+at every step it sees *where the moving image should go*:
+
+* a local cost volume: the cosine similarity of each fixed feature vector with the warped
+  moving feature vectors within a small search radius (``(2r + 1)^3`` channels),
+* its soft-argmax, the similarity-weighted mean offset: a direct vector towards the best match,
+* the fixed features, the moving features warped by the current estimate exp(v), and v itself,
+
+and updates its state with the LTC dynamics
 
     dh/dt = -h / tau(h, u) + f(h, u),      tau = tau_min + softplus(W_tau [h, u] + b_tau(pair))
 
-integrated with the fused semi-implicit Euler step ``h <- (h + dt f) / (1 + dt / tau)``, which is
-stable for any ``dt`` because tau > 0.  A zero-initialised head turns the state into a velocity
-increment, so the velocity field follows local image evidence at every scale; the hypernetwork
-only modulates *how* the cell responds (FiLM gain/shift of f and the time-constant bias), from a
-code pooled over both images.  The stationary velocity field (SVF) is integrated by scaling and
-squaring into a diffeomorphism.
+integrated by the fused semi-implicit Euler step ``h <- (h + dt f) / (1 + dt / tau)``, stable for
+any ``dt`` because tau > 0.  A zero-initialised head turns the state into a velocity increment,
+so an untrained network returns the identity.  Weights are shared across the steps of a level,
+which makes the number of steps a runtime setting.  The hypernetwork maps statistics of both
+images' coarsest features to a FiLM gain and shift of ``f`` and the bias of ``tau`` at every level
+(zero-initialised: untrained, it leaves the cells unmodulated).
 
-All fields are in voxel units of the network's working grid (see :mod:`diffeo`).
+Level geometry: voxel ``i`` of level ``l`` sits at working voxel ``2^l i`` (the centre of a
+stride-2 convolution), and fields move between levels with exactly that correspondence
+(:func:`upsample_field`), so coarse estimates do not drift against the features.  The returned
+velocity lives on the working grid, in its voxel units (see :mod:`diffeo`).
 """
 from __future__ import annotations
 
@@ -28,17 +39,17 @@ from . import diffeo
 
 @dataclass
 class ModelConfig:
-    channels: tuple = (8, 16, 32, 48)   # feature channels at working-grid scales 1, 1/2, 1/4, 1/8
+    channels: tuple = (8, 16, 32, 48)   # encoder channels at working-grid scales 1, 1/2, 1/4, 1/8
     hidden: tuple = (8, 16, 24, 32)     # LTC state channels per level
-    ltc_steps: tuple = (1, 2, 2, 3)     # LTC steps (each re-warps the moving features) per level
-    finest_level: int = 1               # finest level that refines the field (0 = working grid)
-    svf_level: int = 1                  # level the SVF lives and is integrated at
+    steps: tuple = (1, 2, 2, 2)         # default LTC steps per level (a runtime setting)
+    radius: tuple = (1, 1, 2, 2)        # cost-volume search radius per level (voxels)
     hyper_hidden: int = 64
     dt: float = 1.0
     tau_min: float = 0.5
     velocity_scale: float = 1.0         # head output (voxels of its level) -> velocity
     squarings: int = 7
     working_spacing: float = 2.0        # mm; the grid the network sees (see preprocess)
+    symmetric: bool = True              # v = (v(f, m) - v(m, f)) / 2: inverse-consistent
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -73,6 +84,58 @@ def _conv(cin, cout, k=3, stride=1):
     return Conv3d(cin, cout, k, stride=stride, padding=k // 2)
 
 
+def upsample_field(field: torch.Tensor, shape) -> torch.Tensor:
+    """A voxel-unit field of level ``l + 1`` on the grid of level ``l`` (``shape``, twice as large).
+
+    Coarse voxel ``i`` is fine voxel ``2i``: trilinear interpolation onto ``2n - 1`` voxels with
+    aligned corners is exactly that map; the last fine voxel (beyond the last coarse centre) is
+    extended from its neighbour.  Vectors double with the voxel size.
+    """
+    shape = tuple(int(s) for s in shape)
+    inner = tuple(2 * n - 1 for n in field.shape[2:])
+    out = F.interpolate(2 * field, size=inner, mode="trilinear", align_corners=True)
+    pad = []
+    for n, target in zip(reversed(inner), reversed(shape)):
+        pad += [0, target - n]
+    return F.pad(out, pad, mode="replicate")
+
+
+def _offsets(radius: int, device, dtype) -> torch.Tensor:
+    """(D, 3) voxel offsets of a cost volume's channels, in its channel order."""
+    span = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    return torch.stack(torch.meshgrid(span, span, span, indexing="ij"), -1).view(-1, 3)
+
+
+def unit_vectors(features: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each voxel's feature vector scaled to unit length (zero vectors stay zero): the values of
+    ``F.normalize(x, dim=1, eps=eps)``, several times faster on the CPU, whose vector norm over the
+    channel axis is slow."""
+    return features * (features * features).sum(1, keepdim=True).clamp_min(eps * eps).rsqrt()
+
+
+def cost_volume(fixed_unit: torch.Tensor, moving: torch.Tensor, radius: int) -> torch.Tensor:
+    """Cosine similarity of each fixed feature vector (``fixed_unit``: already unit length) with
+    the moving ones within ``radius``.
+
+    (N, C, I, J, K) x 2 -> (N, (2r + 1)^3, I, J, K); outside the volume the similarity is 0.
+    Cosine similarity makes the evidence independent of feature scale (contrast).
+    """
+    f = fixed_unit
+    m = F.pad(unit_vectors(moving), [radius] * 6)
+    size = f.shape[2:]
+    span = range(2 * radius + 1)
+    return torch.cat([(f * m[:, :, a:a + size[0], b:b + size[1], c:c + size[2]]).sum(1, keepdim=True)
+                      for a in span for b in span for c in span], dim=1)
+
+
+def expected_offset(cost: torch.Tensor, radius: int, sharpness: torch.Tensor) -> torch.Tensor:
+    """Soft-argmax of a cost volume: the similarity-weighted mean offset (N, 3, I, J, K), in
+    voxels.  It hands the cell a direct vector towards where the moving image matches best."""
+    weights = torch.softmax(cost * sharpness, dim=1)
+    offsets = _offsets(radius, cost.device, weights.dtype)
+    return torch.einsum("nd...,dc->nc...", weights, offsets)
+
+
 class FeaturePyramid(nn.Module):
     """Shared (siamese) encoder: one feature map per scale for each image."""
 
@@ -80,9 +143,8 @@ class FeaturePyramid(nn.Module):
         super().__init__()
         blocks, cin = [], 1
         for level, c in enumerate(channels):
-            layers = [_conv(cin, c, stride=1 if level == 0 else 2), nn.LeakyReLU(0.2)]
-            if level > 0:  # one conv at full working resolution keeps the cost of fine detail low
-                layers += [_conv(c, c), nn.LeakyReLU(0.2)]
+            layers = [_conv(cin, c, stride=1 if level == 0 else 2), nn.LeakyReLU(0.2),
+                      _conv(c, c), nn.LeakyReLU(0.2)]
             blocks.append(nn.Sequential(*layers))
             cin = c
         self.blocks = nn.ModuleList(blocks)
@@ -136,41 +198,85 @@ class LiquidCell(nn.Module):
 
 
 class LiquidReg(nn.Module):
-    """(fixed, moving) on the same working grid -> stationary velocity field (N, 3, ...)."""
+    """(fixed, moving) on the same working grid -> stationary velocity field (N, 3, I, J, K) in
+    voxels of that grid."""
 
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
         self.config = config = config or ModelConfig()
         ch, hid = config.channels, config.hidden
+        levels = len(ch)
+        if not (len(hid) == len(config.steps) == len(config.radius) == levels):
+            raise ValueError("channels, hidden, steps and radius need one entry per level")
         self.features = FeaturePyramid(ch)
         self.hyper = HyperNetwork(ch[-1], hid, config.hyper_hidden)
-        self.levels = range(len(ch) - 1, config.finest_level - 1, -1)  # coarse -> fine
-        self.cells = nn.ModuleDict({str(l): LiquidCell(2 * ch[l] + 3, hid[l], config.tau_min)
-                                    for l in self.levels})
-        self.heads = nn.ModuleDict({str(l): _conv(hid[l], 3) for l in self.levels})
-        for head in self.heads.values():  # zero-initialised velocity head: start at identity
+        self.cells = nn.ModuleList(
+            LiquidCell(2 * ch[l] + (2 * config.radius[l] + 1) ** 3 + 6, hid[l], config.tau_min)
+            for l in range(levels))
+        self.heads = nn.ModuleList(_conv(h, 3) for h in hid)
+        for head in self.heads:  # zero-initialised velocity head: start at identity
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+        #: Per-level sharpness of the soft-argmax (cosine similarities lie in [-1, 1]).
+        self.sharpness = nn.Parameter(torch.full((levels,), 10.0))
 
-    def forward(self, fixed, moving):
+    def forward(self, fixed, moving, steps=None, every_level: bool = False):
+        """``steps``: LTC steps per level (coarse levels last), an int for every level, or None
+        for the configured default; more steps refine further.  ``every_level``: also return the
+        estimate after each level, coarse to fine, as (level, velocity in that level's voxels),
+        so training can supervise every scale.
+
+        Symmetric models run both directions as one batch and return half their difference:
+        swapping the images gives exactly the inverse map (exp(-v)), and an image registered to
+        itself gives exactly the identity.
+        """
+        if steps is None:
+            steps = self.config.steps
+        elif isinstance(steps, int):
+            steps = (steps,) * len(self.config.channels)
+        ff, fm = self.features(fixed), self.features(moving)  # siamese: each image once
+        if not self.config.symmetric:
+            return self._refine(ff, fm, steps, every_level)
+        if every_level or torch.is_grad_enabled():  # training: both directions as one batch
+            n = fixed.shape[0]
+            both = self._refine([torch.cat([a, b]) for a, b in zip(ff, fm)],
+                                [torch.cat([b, a]) for a, b in zip(ff, fm)], steps, every_level)
+            if not every_level:
+                return (both[:n] - both[n:]) / 2
+            v, estimates = both
+            return (v[:n] - v[n:]) / 2, [(level, (e[:n] - e[n:]) / 2) for level, e in estimates]
+        # inference: one direction after the other, half the peak memory for the same result
+        forward = self._refine(ff, fm, steps, False)
+        return forward.sub_(self._refine(fm, ff, steps, False)).div_(2)
+
+    def _refine(self, ff, fm, steps, every_level: bool):
+        """Coarse to fine LTC refinement from the fixed (``ff``) and moving (``fm``) features."""
         cfg = self.config
-        ff, fm = self.features(fixed), self.features(moving)
         modulation = self.hyper(ff[-1], fm[-1])
-        v = None
-        for level in self.levels:
+        v, estimates = None, []
+        for level in reversed(range(len(cfg.channels))):
             shape = ff[level].shape[2:]
-            v = (torch.zeros(fixed.shape[0], 3, *shape, device=fixed.device, dtype=ff[level].dtype)
-                 if v is None else diffeo.resize_field(v, shape))
-            h = torch.zeros(fixed.shape[0], cfg.hidden[level], *shape,
-                            device=fixed.device, dtype=ff[level].dtype)
-            cell, head = self.cells[str(level)], self.heads[str(level)]
-            for _ in range(cfg.ltc_steps[level]):
-                disp = diffeo.integrate_velocity(v, cfg.squarings)
-                warped = diffeo.warp(fm[level], disp, padding_mode="border")
-                h = cell(torch.cat([ff[level], warped, v], dim=1), h, modulation[level], cfg.dt)
-                v = v + cfg.velocity_scale * head(h)
-        svf_shape = ff[cfg.svf_level].shape[2:]
-        return diffeo.resize_field(v, svf_shape)
+            batch = ff[level].shape[0]
+            v = (ff[level].new_zeros(batch, 3, *shape, dtype=torch.float32)
+                 if v is None else upsample_field(v, shape))
+            h = ff[level].new_zeros(batch, cfg.hidden[level], *shape)
+            cell, head, radius = self.cells[level], self.heads[level], cfg.radius[level]
+            fixed_unit = unit_vectors(ff[level])  # once per level, not per step
+            for _ in range(int(steps[level])):
+                with torch.autocast(v.device.type, enabled=False):  # geometry stays in fp32
+                    disp = diffeo.integrate_velocity(v, cfg.squarings)
+                    warped = diffeo.warp(fm[level].float(), disp, padding_mode="border")
+                warped = warped.to(ff[level].dtype)
+                cost = cost_volume(fixed_unit, warped, radius)
+                u = torch.cat([ff[level], warped, cost,
+                               expected_offset(cost, radius, self.sharpness[level]),
+                               v.to(ff[level].dtype)], dim=1)
+                del disp, warped, cost  # large on the working grid: free before the cell runs
+                h = cell(u, h, modulation[level], cfg.dt)
+                del u
+                v = v + cfg.velocity_scale * head(h).float()
+            estimates.append((level, v))
+        return (v, estimates) if every_level else v
 
     @property
     def squarings(self) -> int:

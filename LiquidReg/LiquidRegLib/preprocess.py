@@ -12,21 +12,33 @@ import torch
 from .grid import Grid, resample
 
 
-def normalise_intensity(array: np.ndarray, mask: np.ndarray | None = None,
-                        low: float = 0.5, high: float = 99.5) -> np.ndarray:
+def percentile_normalise(image: torch.Tensor, mask: torch.Tensor | None = None,
+                         low: float = 0.5, high: float = 99.5) -> torch.Tensor:
     """Robust rescale to [0, 1]: percentiles of the foreground, so scanner scaling doesn't matter.
 
-    float32, made in one new array (a full-resolution volume is large)."""
-    a = np.asarray(array, dtype=np.float32)
+    The one intensity policy of the network's inputs, for registration and for training alike
+    (training images go through it too, so the network never sees another scaling).  The
+    foreground is ``mask`` if given, else every voxel above the image minimum; percentiles come
+    from a strided subsample of at most ~500k voxels (fast, and deterministic).  The result is
+    float32, made in one new array (a full-resolution volume is large).
+    """
+    a = image.float()
     values = a[mask > 0] if mask is not None else a[a > a.min()]
-    if values.size == 0:
-        values = a.ravel()
-    lo, hi = np.percentile(values[:: max(1, values.size // 500_000)], [low, high])  # subsampled: fast
+    if values.numel() == 0:
+        values = a.flatten()
+    values = values[:: max(1, values.numel() // 500_000)]
+    lo, hi = torch.quantile(values, torch.tensor([low / 100, high / 100], device=a.device,
+                                                 dtype=values.dtype)).tolist()
     if hi <= lo:
         hi = lo + 1.0
-    out = np.subtract(a, np.float32(lo), dtype=np.float32)
-    out /= np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
+    out = a.sub(lo)
+    return out.div_(hi - lo).clamp_(0.0, 1.0)
+
+
+def normalise_intensity(array: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """:func:`percentile_normalise` of a numpy array (float32)."""
+    return percentile_normalise(torch.as_tensor(np.asarray(array, dtype=np.float32)),
+                                None if mask is None else torch.as_tensor(np.asarray(mask))).numpy()
 
 
 @dataclass

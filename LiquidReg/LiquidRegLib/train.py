@@ -47,12 +47,14 @@ class LossWeights:
     dice: float = 1.0          # soft Dice of warped one-hot labels, when labels exist
     smoothness: float = 1.0    # diffusion regulariser on the velocity field (voxels^2)
     folding: float = 10.0      # hinge on J <= 0 of the displacement
+    levels: float = 0.0        # Dice of each coarser level's estimate (deep supervision)
 
 
 @dataclass
 class TrainConfig:
     steps: int = 1000
     lr: float = 1e-4
+    warmup_steps: int = 0            # linear learning-rate warm-up (Adam's first steps are large)
     clip_norm: float = 1.0
     amp: bool = True                 # autocast on CUDA (fp16 + GradScaler); ignored on CPU
     cpu_bf16: bool = False           # optional bf16 autocast on CPU
@@ -85,8 +87,9 @@ def registration_loss(velocity: torch.Tensor, batch: dict, weights: LossWeights,
 
     ``batch`` holds ``fixed``/``moving`` (N, 1, I, J, K) and optionally ``fixed_labels``/
     ``moving_labels`` (int, 0 = background, with ``num_labels``), ``fixed_mask`` and
-    ``similarity_weight`` (overrides ``weights.similarity``: 0 for cross-contrast pairs).
-    Folding is penalised on the displacement at the velocity's resolution, where it arises.
+    ``same_contrast`` ((N,) bool: LNCC counts only for those items, since it means nothing
+    between different contrasts).  Folding is penalised on the displacement at the velocity's
+    resolution, where it arises.
     """
     with torch.autocast(device_type=velocity.device.type, enabled=False):
         velocity = velocity.float()
@@ -95,11 +98,15 @@ def registration_loss(velocity: torch.Tensor, batch: dict, weights: LossWeights,
         disp = diffeo.resize_field(coarse, fixed.shape[2:])
         terms = {}
         total = velocity.new_zeros(())
-        similarity = float(batch.get("similarity_weight", weights.similarity))
-        if similarity:
+        same = batch.get("same_contrast")
+        use = (torch.ones(fixed.shape[0], device=fixed.device) if same is None
+               else torch.as_tensor(same, device=fixed.device).float().view(-1))
+        if weights.similarity and bool(use.any()):
             warped = diffeo.warp(moving, disp)
-            terms["lncc"] = losses.lncc_loss(fixed, warped, lncc_window, batch.get("fixed_mask"))
-            total = total + similarity * terms["lncc"]
+            per_item = losses.lncc_loss(fixed, warped, lncc_window, batch.get("fixed_mask"),
+                                        per_item=True)
+            terms["lncc"] = (per_item * use).sum() / use.sum()
+            total = total + weights.similarity * (per_item * use).mean()
         if weights.dice and batch.get("fixed_labels") is not None:
             k = int(batch["num_labels"])
             warped_labels = diffeo.warp(one_hot(batch["moving_labels"], k), disp)
@@ -114,16 +121,51 @@ def registration_loss(velocity: torch.Tensor, batch: dict, weights: LossWeights,
         return total, terms
 
 
+def pool_to_level(volume: torch.Tensor, level: int) -> torch.Tensor:
+    """Average ``volume`` onto the grid of pyramid level ``level`` (voxel i at 2^level i): a
+    centred box of 2^(level+1) - 1 voxels per output, so no half-voxel shift."""
+    if level == 0:
+        return volume
+    s = 2 ** level
+    return F.avg_pool3d(volume, 2 * s - 1, stride=s, padding=s - 1, count_include_pad=False)
+
+
+def level_dice_loss(estimates, batch: dict, squarings: int) -> torch.Tensor:
+    """Mean soft-Dice loss of the estimates after each coarse level, at that level's resolution:
+    every scale of the coarse-to-fine optimiser gets its own, direct signal."""
+    k = int(batch["num_labels"])
+    fixed, moving = one_hot(batch["fixed_labels"], k), one_hot(batch["moving_labels"], k)
+    terms = []
+    for level, velocity in estimates:
+        if level == 0:
+            continue
+        disp = diffeo.integrate_velocity(velocity.float(), squarings)
+        warped = diffeo.warp(pool_to_level(moving, level), disp)
+        terms.append(losses.dice_loss(pool_to_level(fixed, level), warped))
+    return torch.stack(terms).mean() if terms else fixed.new_zeros(())
+
+
 class InstanceVelocity(nn.Module):
-    """One pair's velocity field as the trainable, initialised from the network's prediction."""
+    """One pair's velocity field as the trainable: the network's prediction plus a correction
+    that lives at half its resolution (4 mm on the working grid).
+
+    The network's fine detail is kept as it is, while the optimiser moves a smoother, 8x smaller
+    field: per-voxel freedom at 2 mm lets LNCC fold the map (measured: J < 0 after 30 steps on
+    the test brain), a 4 mm correction does not.
+    """
 
     def __init__(self, velocity: torch.Tensor, squarings: int = diffeo.MIN_SQUARINGS):
         super().__init__()
-        self.velocity = nn.Parameter(velocity.detach().clone().float())
+        from .model import upsample_field
+
+        self.register_buffer("base", velocity.detach().clone().float(), persistent=False)
+        half = [n // 2 for n in velocity.shape[2:]]
+        self.correction = nn.Parameter(self.base.new_zeros(velocity.shape[0], 3, *half))
         self.squarings = squarings
+        self._upsample = upsample_field
 
     def forward(self, fixed=None, moving=None):
-        return self.velocity
+        return self.base + self._upsample(self.correction, self.base.shape[2:])
 
 
 # ---- distributed -----------------------------------------------------------------------------
@@ -233,12 +275,22 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
         batch = {k: (v.to(device) if torch.is_tensor(v) else v)
                  for k, v in batch_for_step(state.step).items()}
         optimizer.zero_grad(set_to_none=True)
+        if config.warmup_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * min(1.0, (state.step + 1) / config.warmup_steps)
         autocast = torch.autocast(device.type, dtype=torch.float16 if use_fp16 else torch.bfloat16,
                                   enabled=use_fp16 or use_bf16)
+        deep = bool(config.weights.levels) and batch.get("fixed_labels") is not None
         with autocast:
-            velocity = trainable(batch["fixed"], batch["moving"])
+            velocity = trainable(batch["fixed"], batch["moving"], **batch.get("model_kwargs", {}),
+                                 **({"every_level": True} if deep else {}))
+        velocity, estimates = velocity if deep else (velocity, ())
         loss, terms = registration_loss(velocity, batch, config.weights, core.squarings,
                                         config.lncc_window)
+        if deep:
+            with torch.autocast(device.type, enabled=False):
+                terms["levels"] = level_dice_loss(estimates, batch, core.squarings)
+            loss = loss + config.weights.levels * terms["levels"]
         grad_norm = float("nan")
         applied = False
         if _all_finite(bool(torch.isfinite(loss)), device):
@@ -248,7 +300,7 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
             if _all_finite(math.isfinite(grad_norm), device):
                 state.clipped += grad_norm > config.clip_norm
                 scaler.step(optimizer)
-                applied = all(bool(torch.isfinite(p).all()) for p in params)
+                applied = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
                 if not applied:  # cannot happen with finite grads and a sane lr; never keep it
                     core.load_state_dict(last_good)
             scaler.update()
@@ -398,4 +450,5 @@ def instance_optimise(velocity: torch.Tensor, pair, iterations: int, *,
                                              folding=10.0))
     state = run(trainable, lambda step: batch, config, device=device, progress=progress,
                 cancel=cancel, stage="instance")
-    return trainable.velocity.detach(), state
+    with torch.no_grad():
+        return trainable().detach(), state

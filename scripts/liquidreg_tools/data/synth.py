@@ -169,18 +169,26 @@ T1_LIKE = {2: 0.85, 41: 0.85, 7: 0.8, 46: 0.8, 3: 0.5, 42: 0.5, 8: 0.55, 47: 0.5
            4: 0.1, 43: 0.1, 14: 0.1, 15: 0.1, 24: 0.1}
 
 
-def t1_like(labels) -> np.ndarray:
-    """A fixed, noise-free T1-like image of a shared-scheme label map (float32, [0, 1]).
-
-    For label-only subjects (the donors) in benchmarks that need an image for every subject:
-    deterministic, so every method registers the same picture; blurred by one voxel so edges
-    look acquired rather than painted.
-    """
+def t1_like_table(device=None) -> torch.Tensor:
+    """Intensity of every shared-scheme id (DK parcels take their cortex's): a lookup table."""
     from .labels import MAX_ID, to_level
 
-    table = np.zeros(MAX_ID + 1, np.float32)
+    values = np.zeros(MAX_ID + 1, np.float32)
     for label, value in T1_LIKE.items():
-        table[label] = value
-    image = table[to_level(np.asarray(labels), "coarse").astype(np.int64)]
-    blurred = gaussian_blur(torch.as_tensor(image)[None, None], 1.0)[0, 0]
-    return blurred.numpy().astype(np.float32)
+        values[label] = value
+    return torch.as_tensor(values[to_level(np.arange(MAX_ID + 1), "coarse")], device=device)
+
+
+def render_t1_like(labels: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    """A noise-free T1-like image (N, 1, I, J, K) of shared-scheme labels, blurred by one voxel so
+    edges look acquired rather than painted.  Training renders its pairs this way too, so the
+    network meets this contrast (that of real T1 scans) and not only random ones."""
+    table = t1_like_table(labels.device) if table is None else table
+    return gaussian_blur(table[labels.long()], 1.0)
+
+
+def t1_like(labels) -> np.ndarray:
+    """:func:`render_t1_like` of a numpy label map (float32): deterministic, so every method of a
+    benchmark registers the same picture of a label-only subject (the donors)."""
+    image = render_t1_like(torch.as_tensor(np.asarray(labels).astype(np.int64))[None, None])
+    return image[0, 0].numpy().astype(np.float32)
