@@ -10,8 +10,9 @@ Every method registers the SAME inter-subject pairs of the "test" split (never a
 subject) in ONE run:
 
 * ``identity``: no registration (labels compared through world coordinates);
-* ``liquidreg_net``: LiquidReg network only (``register(..., iterations=0)``);
-* ``liquidreg_io``: LiquidReg + instance optimisation (``--iterations N``);
+* ``liquidreg_net``: LiquidReg Fast mode, the network only (``register(..., mode="fast")``);
+* ``liquidreg_io``: LiquidReg Accurate mode, network + instance optimisation
+  (``mode="accurate"``; ``--iterations N`` overrides its step count);
 * ``ants_syn``: ``ants.registration(fixed, moving, type_of_transform="SyN")``, defaults;
 * ``elastix``: itk-elastix default "affine" then "bspline" parameter maps.
 
@@ -51,8 +52,8 @@ from liquidreg_tools.measure import THREAD_VARIABLES, machine, memory_mb, run_me
 
 METHODS = {
     "identity": "Identity (no registration)",
-    "liquidreg_net": "LiquidReg network",
-    "liquidreg_io": "LiquidReg + instance opt.",
+    "liquidreg_net": "LiquidReg Fast (network only)",
+    "liquidreg_io": "LiquidReg Accurate (+ instance opt.)",
     "ants_syn": "ANTs SyN",
     "elastix": "elastix affine + B-spline",
 }
@@ -60,7 +61,7 @@ RESULT, DISPLACEMENT = "result.json", "displacement.nii.gz"
 
 
 # ---- the measured child process -------------------------------------------------------------
-def run_child(method: str, fixed: str, moving: str, workdir: str, iterations: int,
+def run_child(method: str, fixed: str, moving: str, workdir: str, iterations: int | None,
               weights: str | None, threads: int) -> dict:
     """Register one pair with one method; write the displacement (our convention) and timings."""
     work = Path(workdir)
@@ -76,8 +77,10 @@ def run_child(method: str, fixed: str, moving: str, workdir: str, iterations: in
         start = time.perf_counter()
         fixed_volume = io.read_volume(fixed, name="fixed image")
         moving_volume = io.read_volume(moving, name="moving image")
+        accurate = method == "liquidreg_io"
         result = register.register(fixed_volume, moving_volume, device="cpu", weights=weights,
-                                   iterations=iterations if method == "liquidreg_io" else 0)
+                                   mode="accurate" if accurate else "fast",
+                                   iterations=iterations if accurate else None)
         seconds, peak = time.perf_counter() - start, memory_mb()
         extra = {"stage_seconds": result.summary.get("timings_s"),
                  "model": result.summary.get("model"),
@@ -122,7 +125,7 @@ def child_main(argv) -> int:
     parser.add_argument("fixed")
     parser.add_argument("moving")
     parser.add_argument("workdir")
-    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--iterations", type=int)
     parser.add_argument("--weights")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -218,8 +221,9 @@ def run_method(method: str, fixed: Path, moving: Path, workdir: Path, args) -> d
     result_path.unlink(missing_ok=True)
     env = dict(os.environ, **{name: str(args.threads) for name in THREAD_VARIABLES})
     command = [sys.executable, str(Path(__file__).resolve()), "--child", method, str(fixed),
-               str(moving), str(workdir), "--iterations", str(args.iterations),
-               "--threads", str(args.threads)]
+               str(moving), str(workdir), "--threads", str(args.threads)]
+    if args.iterations is not None:
+        command += ["--iterations", str(args.iterations)]
     if args.weights:
         command += ["--weights", str(args.weights)]
     process = run_measured(command, env, workdir / "log.txt", args.timeout)
@@ -259,6 +263,8 @@ def score(fixed: dict, moving: dict, displacement_path: Path | None) -> dict:
                       displacement=displacement, order="nearest")
     reference = L.to_level(fixed_labels.array, level)
     dice = metrics.dice_per_label(reference, warped, labels=ids)
+    groups = {"cortical": [k for k in ids if L.is_dk([k])[0] or k in (3, 42)],
+              "subcortical": [k for k in ids if not (L.is_dk([k])[0] or k in (3, 42))]}
     hd95 = metrics.hd95_per_label(reference, warped, grid, labels=ids)
     finite_hd = [v for v in hd95.values() if np.isfinite(v)]
     if displacement is None:
@@ -267,6 +273,9 @@ def score(fixed: dict, moving: dict, displacement_path: Path | None) -> dict:
         jacobian = diffeo.jacobian_determinant_ras(displacement, grid).numpy()
     jac = metrics.jacobian_stats(jacobian, mask=mask)
     return {"level": level, "labels": len(ids), "dice": metrics.mean_dice(dice),
+            **{f"dice_{group}": metrics.mean_dice({k: dice[k] for k in members})
+               for group, members in groups.items() if members},
+            "labels_per_group": {group: len(members) for group, members in groups.items()},
             "hd95_mm": float(np.mean(finite_hd)) if finite_hd else float("nan"),
             "labels_lost": len(ids) - len(finite_hd),
             "pct_folding": jac["pct_folding"], "std_log_jac": jac["std_log_jac"],
@@ -276,7 +285,8 @@ def score(fixed: dict, moving: dict, displacement_path: Path | None) -> dict:
 
 
 # ---- reporting --------------------------------------------------------------------------------
-COLUMNS = (("dice", "Dice", "{:.3f}"), ("hd95_mm", "HD95 (mm)", "{:.2f}"),
+COLUMNS = (("dice", "Dice", "{:.3f}"), ("dice_subcortical", "Dice subcortical", "{:.3f}"),
+           ("dice_cortical", "Dice cortical", "{:.3f}"), ("hd95_mm", "HD95 (mm)", "{:.2f}"),
            ("pct_folding", "% J<=0", "{:.3f}"), ("std_log_jac", "std log J", "{:.3f}"),
            ("seconds", "time (s)", "{:.1f}"), ("peak_rss_mb", "peak RSS (MB)", "{:.0f}"),
            ("baseline_rss_mb", "of which imports (MB)", "{:.0f}"))
@@ -322,9 +332,12 @@ def markdown(report: dict) -> str:
              f"{m['versions'].get('torch')}; load average at start "
              f"{', '.join(f'{v:.1f}' for v in m['load_average_at_start'])}.",
              f"Every method: {config['threads']} threads, fresh subprocess per run; "
-             f"LiquidReg instance optimisation: {config['iterations']} iterations; "
+             f"LiquidReg Accurate: {config['iterations'] or 'its default'} instance-optimisation "
+             "steps; "
              f"voxel size {config['downsample_mm'] or 1} mm.", "",
-             "Dice and HD95: mean over the labels both subjects annotate; % J<=0 and std log J: "
+             "Dice and HD95: mean over the labels both subjects annotate (cortical: the "
+             "Desikan-Killiany parcels, or the cortex where a subject has no parcels; subcortical: "
+             "every other structure); % J<=0 and std log J: "
              "inside the fixed brain mask; time: reading the images to having the transform; "
              "peak RSS: the subprocess right after registering (imports: its resident memory "
              "before reading the images, i.e. the method's libraries).", "",
@@ -348,8 +361,9 @@ def main(argv=None) -> int:
                                      epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--data", default="data", help="folder written by scripts/fetch_data.py")
     parser.add_argument("--out", default="bench_out")
-    parser.add_argument("--iterations", type=int, default=50,
-                        help="LiquidReg instance-optimisation iterations (liquidreg_io)")
+    parser.add_argument("--iterations", type=int,
+                        help="instance-optimisation steps of liquidreg_io (default: Accurate "
+                             "mode's own, options.ACCURATE_ITERATIONS)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--max-pairs", type=int, help="only the first N pairs")
     parser.add_argument("--downsample", type=float, metavar="MM",

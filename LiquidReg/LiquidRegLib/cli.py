@@ -138,6 +138,7 @@ def registration_options(args) -> RegistrationOptions:
     from .io import read_affine
     initial = read_affine(args.initial_affine) if args.initial_affine else None
     return RegistrationOptions(mode=args.mode, iterations=args.iterations,
+                               refinement_steps=args.refinement_steps,
                                regularisation=args.regularisation, affine=not args.no_affine,
                                initial_affine=initial, weights=args.weights, device=args.device)
 
@@ -151,6 +152,8 @@ def option_arguments(options: RegistrationOptions) -> list[str]:
     arguments = ["--mode", options.mode, "--device", options.device]
     if options.iterations is not None:
         arguments += ["--iterations", str(options.iterations)]
+    if options.refinement_steps is not None:
+        arguments += ["--refinement-steps", str(options.refinement_steps)]
     if options.regularisation != defaults.regularisation:
         arguments += ["--regularisation", repr(options.regularisation)]
     if not options.affine:
@@ -500,6 +503,9 @@ def _registration_options(p) -> None:
     p.add_argument("--iterations", type=int, metavar="N",
                    help="for experts: this many optimisation steps instead of the mode's "
                         "(0 = network only)")
+    p.add_argument("--refinement-steps", type=int, metavar="N",
+                   help="for experts: the network's refinement steps at every level (default: "
+                        "its own, 1-2 per level; more steps refine further and take longer)")
     p.add_argument("--regularisation", type=float, default=DEFAULT_REGULARISATION, metavar="W",
                    help="smoothness weight of the optimisation steps (higher = smoother)")
     p.add_argument("--no-affine", action="store_true",

@@ -45,6 +45,7 @@ class RegistrationOptions:
 
     mode: str = "fast"
     iterations: int | None = None
+    refinement_steps: int | None = None        # LTC steps per level; None: the network's own
     regularisation: float = DEFAULT_REGULARISATION
     affine: bool = True
     initial_affine: np.ndarray | None = None   # 4x4 RAS, fixed point -> moving point
@@ -61,6 +62,13 @@ class RegistrationOptions:
                 raise InputError(f"iterations must be a whole number, 0 (network only) or more, "
                                  f"not {self.iterations!r}")
             object.__setattr__(self, "iterations", int(self.iterations))
+        if self.refinement_steps is not None:
+            if (isinstance(self.refinement_steps, bool)
+                    or not isinstance(self.refinement_steps, numbers.Integral)
+                    or self.refinement_steps < 1):
+                raise InputError(f"refinement_steps must be a whole number of at least 1 (the "
+                                 f"network's steps at every level), not {self.refinement_steps!r}")
+            object.__setattr__(self, "refinement_steps", int(self.refinement_steps))
         regularisation = self.regularisation
         if (isinstance(regularisation, bool) or not isinstance(regularisation, numbers.Real)
                 or not (math.isfinite(regularisation) and regularisation >= 0)):
@@ -112,6 +120,7 @@ class RegistrationOptions:
 
     def summary(self) -> dict:
         """The options as summary.json records them (the device used is recorded apart)."""
-        return {"mode": self.mode, "iterations": self.steps, "regularisation": self.regularisation,
+        return {"mode": self.mode, "iterations": self.steps,
+                "refinement_steps": self.refinement_steps, "regularisation": self.regularisation,
                 "affine": self.affine, "initial_affine": None if self.initial_affine is None
                 else self.initial_affine.tolist()}

@@ -160,7 +160,7 @@ def _deformable(model, inputs: _Inputs, world_map, dev, options: RegistrationOpt
     check(cancel)
     report(progress, "network", 0, 1, "predicting the velocity field")
     with torch.no_grad():
-        velocity = model(pair.fixed, pair.moving)
+        velocity = model(pair.fixed, pair.moving, steps=options.refinement_steps)
     report(progress, "network", 1, 1)
     timings["network"] = round(time.perf_counter() - t, 3)
     instance = None
