@@ -100,12 +100,6 @@ def upsample_field(field: torch.Tensor, shape) -> torch.Tensor:
     return F.pad(out, pad, mode="replicate")
 
 
-def _offsets(radius: int, device, dtype) -> torch.Tensor:
-    """(D, 3) voxel offsets of a cost volume's channels, in its channel order."""
-    span = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
-    return torch.stack(torch.meshgrid(span, span, span, indexing="ij"), -1).view(-1, 3)
-
-
 def unit_vectors(features: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Each voxel's feature vector scaled to unit length (zero vectors stay zero): the values of
     ``F.normalize(x, dim=1, eps=eps)``, several times faster on the CPU, whose vector norm over the
@@ -117,7 +111,8 @@ def cost_volume(fixed_unit: torch.Tensor, moving: torch.Tensor, radius: int) -> 
     """Cosine similarity of each fixed feature vector (``fixed_unit``: already unit length) with
     the moving ones within ``radius``.
 
-    (N, C, I, J, K) x 2 -> (N, (2r + 1)^3, I, J, K); outside the volume the similarity is 0.
+    (N, C, I, J, K) x 2 -> (N, (2r + 1)^3, I, J, K), channel ``(a * (2r + 1) + b) * (2r + 1) + c``
+    for the offset ``(a - r, b - r, c - r)``; outside the volume the similarity is 0.
     Cosine similarity makes the evidence independent of feature scale (contrast).
     """
     f = fixed_unit
@@ -130,10 +125,18 @@ def cost_volume(fixed_unit: torch.Tensor, moving: torch.Tensor, radius: int) -> 
 
 def expected_offset(cost: torch.Tensor, radius: int, sharpness: torch.Tensor) -> torch.Tensor:
     """Soft-argmax of a cost volume: the similarity-weighted mean offset (N, 3, I, J, K), in
-    voxels.  It hands the cell a direct vector towards where the moving image matches best."""
+    voxels.  It hands the cell a direct vector towards where the moving image matches best.
+
+    The offsets form a (2r + 1)^3 grid, so each component is a weighted sum over one axis of the
+    weights summed over the other two: no (voxels x offsets) matrix product or copy.
+    """
     weights = torch.softmax(cost * sharpness, dim=1)
-    offsets = _offsets(radius, cost.device, weights.dtype)
-    return torch.einsum("nd...,dc->nc...", weights, offsets)
+    n, side = weights.shape[0], 2 * radius + 1
+    grid = weights.view(n, side, side, side, *weights.shape[2:])
+    steps = torch.arange(-radius, radius + 1, device=cost.device, dtype=weights.dtype)
+    steps = steps.view(1, side, *[1] * (weights.dim() - 2))
+    return torch.cat([(grid.sum(dim=others) * steps).sum(1, keepdim=True)
+                      for others in ((2, 3), (1, 3), (1, 2))], dim=1)
 
 
 class FeaturePyramid(nn.Module):
