@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, diffeo, losses, validate
 from .errors import InputError, TrainingDiverged, WeightsError
+from .model import upsample_field
 from .progress import CancelFn, ProgressFn, check, report
 
 
@@ -81,15 +82,16 @@ def one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
 
 
 def registration_loss(velocity: torch.Tensor, batch: dict, weights: LossWeights,
-                      squarings: int = diffeo.MIN_SQUARINGS,
-                      lncc_window: int = 9) -> tuple[torch.Tensor, dict]:
+                      squarings: int = diffeo.MIN_SQUARINGS, lncc_window: int = 9,
+                      estimates=()) -> tuple[torch.Tensor, dict]:
     """Total loss and its terms for a velocity field (fp32, outside autocast).
 
     ``batch`` holds ``fixed``/``moving`` (N, 1, I, J, K) and optionally ``fixed_labels``/
     ``moving_labels`` (int, 0 = background, with ``num_labels``), ``fixed_mask`` and
     ``same_contrast`` ((N,) bool: LNCC counts only for those items, since it means nothing
     between different contrasts).  Folding is penalised on the displacement at the velocity's
-    resolution, where it arises.
+    resolution, where it arises.  ``estimates``: the network's (level, velocity) after each level
+    (``model(..., every_level=True)``), each scored by Dice at its own level (``weights.levels``).
     """
     with torch.autocast(device_type=velocity.device.type, enabled=False):
         velocity = velocity.float()
@@ -107,11 +109,21 @@ def registration_loss(velocity: torch.Tensor, batch: dict, weights: LossWeights,
                                         per_item=True)
             terms["lncc"] = (per_item * use).sum() / use.sum()
             total = total + weights.similarity * (per_item * use).mean()
-        if weights.dice and batch.get("fixed_labels") is not None:
+        if batch.get("fixed_labels") is not None and (weights.dice or weights.levels):
             k = int(batch["num_labels"])
-            warped_labels = diffeo.warp(one_hot(batch["moving_labels"], k), disp)
-            terms["dice"] = losses.dice_loss(one_hot(batch["fixed_labels"], k), warped_labels)
-            total = total + weights.dice * terms["dice"]
+            fixed_labels, moving_labels = (one_hot(batch["fixed_labels"], k),
+                                           one_hot(batch["moving_labels"], k))
+            if weights.dice:
+                terms["dice"] = losses.dice_loss(fixed_labels, diffeo.warp(moving_labels, disp))
+                total = total + weights.dice * terms["dice"]
+            coarser = [(level, v) for level, v in estimates if level > 0]
+            if weights.levels and coarser:
+                terms["levels"] = torch.stack([
+                    losses.dice_loss(pool_to_level(fixed_labels, level), diffeo.warp(
+                        pool_to_level(moving_labels, level),
+                        diffeo.integrate_velocity(v.float(), squarings)))
+                    for level, v in coarser]).mean()
+                total = total + weights.levels * terms["levels"]
         if weights.smoothness:
             terms["smooth"] = losses.diffusion_loss(velocity)
             total = total + weights.smoothness * terms["smooth"]
@@ -130,21 +142,6 @@ def pool_to_level(volume: torch.Tensor, level: int) -> torch.Tensor:
     return F.avg_pool3d(volume, 2 * s - 1, stride=s, padding=s - 1, count_include_pad=False)
 
 
-def level_dice_loss(estimates, batch: dict, squarings: int) -> torch.Tensor:
-    """Mean soft-Dice loss of the estimates after each coarse level, at that level's resolution:
-    every scale of the coarse-to-fine optimiser gets its own, direct signal."""
-    k = int(batch["num_labels"])
-    fixed, moving = one_hot(batch["fixed_labels"], k), one_hot(batch["moving_labels"], k)
-    terms = []
-    for level, velocity in estimates:
-        if level == 0:
-            continue
-        disp = diffeo.integrate_velocity(velocity.float(), squarings)
-        warped = diffeo.warp(pool_to_level(moving, level), disp)
-        terms.append(losses.dice_loss(pool_to_level(fixed, level), warped))
-    return torch.stack(terms).mean() if terms else fixed.new_zeros(())
-
-
 class InstanceVelocity(nn.Module):
     """One pair's velocity field as the trainable: the network's prediction plus a correction
     that lives at half its resolution (4 mm on the working grid).
@@ -156,16 +153,13 @@ class InstanceVelocity(nn.Module):
 
     def __init__(self, velocity: torch.Tensor, squarings: int = diffeo.MIN_SQUARINGS):
         super().__init__()
-        from .model import upsample_field
-
         self.register_buffer("base", velocity.detach().clone().float(), persistent=False)
         half = [n // 2 for n in velocity.shape[2:]]
         self.correction = nn.Parameter(self.base.new_zeros(velocity.shape[0], 3, *half))
         self.squarings = squarings
-        self._upsample = upsample_field
 
     def forward(self, fixed=None, moving=None):
-        return self.base + self._upsample(self.correction, self.base.shape[2:])
+        return self.base + upsample_field(self.correction, self.base.shape[2:])
 
 
 # ---- distributed -----------------------------------------------------------------------------
@@ -286,11 +280,7 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
                                  **({"every_level": True} if deep else {}))
         velocity, estimates = velocity if deep else (velocity, ())
         loss, terms = registration_loss(velocity, batch, config.weights, core.squarings,
-                                        config.lncc_window)
-        if deep:
-            with torch.autocast(device.type, enabled=False):
-                terms["levels"] = level_dice_loss(estimates, batch, core.squarings)
-            loss = loss + config.weights.levels * terms["levels"]
+                                        config.lncc_window, estimates)
         grad_norm = float("nan")
         applied = False
         if _all_finite(bool(torch.isfinite(loss)), device):
