@@ -27,6 +27,7 @@ import torch
 
 from LiquidRegLib import checkpoint, train
 from LiquidRegLib.devices import resolve_device, reuse_freed_memory
+from LiquidRegLib.io import write_json
 from LiquidRegLib.model import LiquidReg, ModelConfig
 from liquidreg_tools.data import bundle as B
 from liquidreg_tools.data import validation
@@ -92,8 +93,9 @@ def main(argv=None) -> int:
     model = LiquidReg(model_config)
     weights = train.LossWeights(similarity=args.similarity, dice=1.0, smoothness=args.smoothness,
                                 folding=10.0, levels=args.level_weight)
-    recipe = {"data": sampler.describe(), "validation": {"pairs": args.val_pairs,
-                                                         "subjects": B.split_names(bundle, "validation")},
+    recipe = {"data": sampler.describe(),
+              "validation": {"pairs": args.val_pairs,
+                             "subjects": B.split_names(bundle, "validation")},
               "world_size": world, "batch": args.batch, "lr": args.lr,
               "final_lr": args.final_lr, "final_step": args.final_step, "warmup": args.warmup,
               "loss_weights": weights.__dict__, "random_ltc_steps": "1..default+1 per level",
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
             if new:
                 writer.writeheader()
             writer.writerow(row)
-        state_path.write_text(json.dumps(state, indent=1))
+        write_json(state_path, state)  # atomic: a kill never leaves a half-written state
         print(f"step {run_state.step} loss {row.get('loss', float('nan')):.4f} "
               f"val Dice {scores['dice']:.4f} (anatomy {row.get('val_dice_anatomy')}, shapes "
               f"{row.get('val_dice_shapes')}, identity {scores['identity']:.4f})"

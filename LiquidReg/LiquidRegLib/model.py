@@ -229,7 +229,7 @@ class LiquidReg(nn.Module):
         estimate after each level, coarse to fine, as (level, velocity in that level's voxels),
         so training can supervise every scale.
 
-        Symmetric models run both directions as one batch and return half their difference:
+        Symmetric models run both directions and return half their difference:
         swapping the images gives exactly the inverse map (exp(-v)), and an image registered to
         itself gives exactly the identity.
         """
