@@ -11,7 +11,8 @@ margin of ``memory``): what real inputs score, so each threshold is chosen with 
 uint8 / int16 copies, label maps at 2 and 3 mm, masks, and a CT-like int16 image (Hounsfield
 units with noise, air clipped at exactly -1024 and padding of -3024 outside a cylinder, the
 special values that make an intensity image partly flat).  Prints the smallest label score, the
-largest intensity score and the margin to ``validate.LABELS_ABOVE``.
+largest intensity score and the margin to ``validate.LABELS_ABOVE``.  Images and label maps
+upsampled by nearest neighbour (blocks of equal voxels) are among them.
 
 ``overlap``: ``liquidreg register`` (Fast, in its own process) of the sample pair with the moving
 image cut down to partial fields of view (cubes of 48-128 mm, slabs, a hemisphere) and the other
@@ -21,8 +22,9 @@ inside the covered region against the full-view registration's.  The warning and
 thresholds of ``validate`` come from this table.
 
 ``address-space``: the smallest ``RLIMIT_AS`` under which ``liquidreg register`` of the sample
-pair (1 mm) succeeds, against the virtual size at the memory check plus the estimate, i.e. how
-much address space beyond the resident peak a run reserves (``memory.ADDRESS_SPACE_EXTRA``).
+pair (or ``--images``) succeeds with the address-space check off, against what the check
+requires (virtual size at the check + the estimate's growth + ``memory.ADDRESS_SPACE_EXTRA``),
+and the message of a run below the limit (one line, not "unexpected").
 
 Writes ``<section>.json`` and prints a table.
 """
@@ -48,6 +50,13 @@ def _coarser(volume, factor: int, order: str):
     grid = Grid(tuple(max(2, s // factor) for s in volume.grid.shape),
                 volume.grid.affine @ np.diag([factor, factor, factor, 1.0]))
     return resample(volume.array, volume.grid, grid, order=order)
+
+
+def _blocks(array: np.ndarray, factor: int = 2) -> np.ndarray:
+    """``array`` upsampled by nearest neighbour: blocks of ``factor``^3 equal voxels."""
+    for axis in range(3):
+        array = np.repeat(array, factor, axis)
+    return array
 
 
 def ct_like(labels: np.ndarray, rng) -> np.ndarray:
@@ -79,15 +88,23 @@ def label_cases(data: Path | None):
         if kind == "labels":
             for factor in (2, 3):
                 yield f"{name} at {factor}x the spacing", kind, _coarser(volume, factor, "nearest")
+            yield (f"{name} at 2x the spacing, back at 1x by nearest neighbour", kind,
+                   _blocks(_coarser(volume, 2, "nearest")))
             yield f"{name} as a mask", kind, (volume.array > 0).astype(np.uint8)
             if "brainmask" not in name:
                 yield f"CT-like from {name}", "image", ct_like(volume.array, rng)
         else:
             image = volume.array.astype(np.float32)
             high = np.percentile(image, 99.9)
-            yield f"{name} as uint8", kind, np.clip(np.round(image / high * 255), 0, 255).astype(np.uint8)
-            yield f"{name} as int16 (0-4095)", kind, np.clip(np.round(image / high * 4095), 0, 4095).astype(np.int16)
-            yield f"{name} at 2x the spacing, rounded", kind, np.round(_coarser(volume, 2, "linear"))
+            uint8 = np.clip(np.round(image / high * 255), 0, 255).astype(np.uint8)
+            yield f"{name} as uint8", kind, uint8
+            yield f"{name} as int16 (0-4095)", kind, np.clip(np.round(image / high * 4095), 0,
+                                                             4095).astype(np.int16)
+            coarse = np.round(_coarser(io.Volume(uint8.astype(np.float32), volume.grid), 2,
+                                       "linear"))
+            yield f"{name} as uint8 at 2x the spacing", kind, coarse
+            yield f"{name} as uint8 at 2x the spacing, back at 1x by nearest neighbour", kind, \
+                _blocks(coarse)
 
 
 def measure_labels(args) -> dict:
@@ -232,33 +249,57 @@ def measure_overlap(args) -> dict:
 
 
 # ---- address space ----------------------------------------------------------------------------
-def _register_under(limit_mb: int, out: Path) -> subprocess.CompletedProcess:
+#: ``liquidreg register`` with the address-space part of the memory check off (to find the real
+#: smallest limit), printing what the check would have compared.
+UNCHECKED = """
+import sys
+from LiquidRegLib import memory
+real_room, real_check = memory.address_space_room, memory.check
+def check(fixed, moving, work, steps):
+    need = memory.estimate(fixed, moving, work, steps)
+    loaded = memory.BASE_BYTES + 4 * sum(int(memory.np.prod(g.shape)) for g in (fixed, moving))
+    mapped = memory._proc_bytes("/proc/self/status", "VmSize")
+    print("CHECK", mapped + need - min(memory.resident(), loaded) + memory.ADDRESS_SPACE_EXTRA,
+          file=sys.stderr)
+    memory.address_space_room = lambda: None
+    real_check(fixed, moving, work, steps)
+memory.check = check
+from LiquidRegLib.cli import entry_point
+sys.argv[0] = "liquidreg"
+entry_point()
+"""
+
+
+def _register_under(limit_mb: int, out: Path, images) -> subprocess.CompletedProcess:
     import resource
 
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (limit_mb * 2 ** 20, limit_mb * 2 ** 20))
-    env = dict(os.environ, OMP_NUM_THREADS="2", LIQUIDREG_REPORT_ADDRESS_SPACE="1")
-    return subprocess.run([sys.executable, "-m", "LiquidRegLib", "register", "-o", str(out),
-                           "--device", "cpu", "--no-png", "--quiet", "--overwrite"],
-                          env=env, preexec_fn=limit, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", UNCHECKED, "register", *map(str, images), "-o",
+                           str(out), "--device", "cpu", "--no-png", "--quiet", "--overwrite"],
+                          env=dict(os.environ, OMP_NUM_THREADS="2"), preexec_fn=limit,
+                          capture_output=True, text=True)
 
 
 def measure_address_space(args) -> dict:
-    """Bisect the smallest RLIMIT_AS (MB) that lets the sample pair register; record what
-    liquidreg said at each step (a refusal before the work, a crash, or success)."""
-    out = args.out / "address_space"
-    low, high, steps = 1000, 16000, []
-    while high - low > 100:
+    """Bisect the smallest RLIMIT_AS (MB) under which the sample pair registers, with the
+    address-space check off; what the check would require; what a run below the limit says."""
+    out, images = args.out / "address_space", args.images or []
+    low, high, steps, check_mb = 1000, 6000, [], None
+    while high - low > 50:
         middle = (low + high) // 2
-        run = _register_under(middle, out)
+        run = _register_under(middle, out, images)
+        lines = run.stderr.strip().splitlines()
+        check_mb = next((int(l.split()[1]) / 2 ** 20 for l in lines if l.startswith("CHECK")),
+                        check_mb)
         steps.append({"limit_mb": middle, "code": run.returncode,
-                      "stderr": run.stderr.strip()[-300:]})
+                      "message": next((l for l in lines if not l.startswith("CHECK")), "")})
         print(steps[-1])
-        if run.returncode == 0:
-            high = middle
-        else:
-            low = middle
-    return {"smallest_limit_mb": high, "steps": steps}
+        low, high = (low, middle) if run.returncode == 0 else (middle, high)
+    result = {"smallest_limit_mb": high, "check_requires_mb": round(check_mb),
+              "refused_needlessly_mb": round(check_mb - high), "steps": steps}
+    print(json.dumps({k: v for k, v in result.items() if k != "steps"}))
+    return result
 
 
 def main(argv=None) -> int:
@@ -267,6 +308,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, help="scripts/fetch_data.py's folder")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--images", nargs=2, type=Path, metavar=("FIXED", "MOVING"),
+                        help="address-space: this pair instead of the sample pair")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     measure = {"labels": measure_labels, "overlap": measure_overlap,

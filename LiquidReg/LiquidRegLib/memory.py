@@ -28,10 +28,11 @@ SLAB_BYTES = 250 * 2 ** 20          # ... at most
 WORKING_BYTES_PER_VOXEL = 420       # network on the working grid (v2: 2 mm refinement)
 INSTANCE_BYTES_PER_VOXEL = 700      # network + instance optimisation
 MARGIN = 1.1
-#: Address space a run maps beyond its resident peak (allocator arenas, thread stacks, memory
-#: reserved and never touched), for an RLIMIT_AS.  Measured: ``scripts/measure_plausibility.py
-#: address-space``.
-ADDRESS_SPACE_EXTRA = 2 * 2 ** 30
+#: Address space a run maps beyond its resident memory (thread stacks, allocator reserves,
+#: memory mapped and never touched), for an RLIMIT_AS: the virtual size grew 170-240 MB more than
+#: the resident size from the check to the peak (the sample pair, a 400^3 pair; 2 and 16
+#: threads).  ``scripts/measure_plausibility.py address-space`` measures the whole margin.
+ADDRESS_SPACE_EXTRA = 256 * 2 ** 20
 
 
 class NotEnoughMemory(LiquidRegError):
@@ -170,11 +171,11 @@ FIXES = ("close other programs, use a machine with more memory, or resample the 
          "coarser voxel size (e.g. 1 mm)")
 
 #: Words of the errors that report a failed allocation: numpy's MemoryError, torch's CPU and
-#: CUDA allocators, ITK, the C++ runtime, the system (ENOMEM), a thread whose stack cannot be
-#: mapped.
+#: CUDA allocators, ITK, the C++ runtime, the system (ENOMEM), a thread whose stack or a library
+#: that cannot be mapped (a module imported late, under an address-space limit).
 _ALLOCATION_FAILURES = ("can't allocate memory", "cannot allocate memory", "defaultcpuallocator",
                         "out of memory", "bad_alloc", "failed to allocate", "unable to allocate",
-                        "memoryallocationerror", "can't start new thread")
+                        "memoryallocationerror", "can't start new thread", "failed to map segment")
 
 
 def allocation_failure(error: BaseException) -> NotEnoughMemory | None:
@@ -182,7 +183,7 @@ def allocation_failure(error: BaseException) -> NotEnoughMemory | None:
     registering, writing), else None."""
     text = " ".join(str(error).split())
     if not (isinstance(error, MemoryError) or getattr(error, "errno", None) == errno.ENOMEM
-            or (isinstance(error, (RuntimeError, OSError))
+            or (isinstance(error, (RuntimeError, OSError, ImportError))
                 and any(words in text.lower() for words in _ALLOCATION_FAILURES))):
         return None
     asked = re.search(r"(?:tried|unable) to allocate ([\d.]+) ?(bytes|[KMGTP]i?B)", text, re.I)
