@@ -14,11 +14,12 @@ special values that make an intensity image partly flat).  Prints the smallest l
 largest intensity score and the margin to ``validate.LABELS_ABOVE``.  Images and label maps
 upsampled by nearest neighbour (blocks of equal voxels) are among them.
 
-``overlap``: ``liquidreg register`` (Fast, in its own process) of the sample pair with the moving
-image cut down to partial fields of view (cubes of 48-128 mm, slabs, a hemisphere) and the other
-way round: the share of the fixed image's content that the moving image covers after the affine
-(``validate.coverage``; the refusal is turned off here), the similarity gain, the largest Jacobian, and the Dice of the labels
-inside the covered region against the full-view registration's.  The warning and refusal
+``overlap``: ``liquidreg register`` (Fast, in its own process, the refusal turned off) of the
+sample pair with the moving image cut down to partial fields of view (cubes of 48-128 mm, slabs,
+a hemisphere, a front half), and the same with the fixed image cut: the share of the fixed
+image's content that the moving image covers after the affine (``validate.coverage``), the
+similarity gain, the largest Jacobian, and the Dice of the labels inside the covered region,
+against the affine alone and the whole pair's registration there.  The warning and refusal
 thresholds of ``validate`` come from this table.
 
 ``address-space``: the smallest ``RLIMIT_AS`` under which ``liquidreg register`` of the sample
@@ -65,7 +66,8 @@ def ct_like(labels: np.ndarray, rng) -> np.ndarray:
     hu = np.where(labels > 0, 35.0, -1000.0)
     hu[np.isin(labels, (4, 43, 14, 15, 24))] = 8.0        # ventricles, CSF
     hu[np.isin(labels, (2, 41, 7, 46))] = 28.0             # white matter
-    hu += rng.normal(0.0, 12.0, hu.shape) * (labels > 0) + rng.normal(0.0, 15.0, hu.shape) * (labels == 0)
+    hu += rng.normal(0.0, 12.0, hu.shape) * (labels > 0) \
+        + rng.normal(0.0, 15.0, hu.shape) * (labels == 0)
     ct = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     ct[labels == 0] = -1024                                # air: clipped flat
     i, j = np.indices(labels.shape[:2])
@@ -225,7 +227,7 @@ def measure_overlap(args) -> dict:
                 world_map = None
             else:
                 world_map = np.asarray(summary["affine_ras_fixed_to_moving"])
-            if world_map is None:  # refused: score the coverage after the full pair's affine
+            if world_map is None:  # it failed: score the coverage after the whole pair's affine
                 whole = json.loads((reference / "summary.json").read_text())
                 world_map = np.asarray(whole["affine_ras_fixed_to_moving"])
             row.update(validate.coverage(image["fixed"], image["moving"], world_map))

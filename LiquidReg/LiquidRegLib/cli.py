@@ -744,7 +744,8 @@ def main(argv=None) -> int:
             message, code = _one_line(shortage), shortage.exit_code
         else:
             message = f"unexpected {type(error).__name__}: {error}"
-            if mode == "json":  # a program drives us (Slicer): it logs stderr, its user has no flags
+            if mode == "json":  # a program drives us (Slicer): it logs stderr, its user has
+                #                 no flags
                 traceback.print_exc(file=sys.stderr)
                 message += " (the traceback is in the log; please report it)"
             else:

@@ -112,8 +112,8 @@ def _lock_file(lock: Path, out: Path) -> int:
                 holder = os.read(fd, 200).decode(errors="replace").strip()
             os.close(fd)
             raise InputError(f"output '{out}' is being written by another liquidreg run "
-                             f"({holder or 'another process'}); wait for it to finish, or choose another output"
-                             ) from None
+                             f"({holder or 'another process'}); wait for it to finish, or "
+                             "choose another output") from None
         try:  # the run that held it may have removed the file just before we locked it
             if os.path.samestat(os.fstat(fd), os.stat(lock)):
                 break
