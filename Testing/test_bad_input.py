@@ -295,7 +295,7 @@ def test_a_label_map_given_as_an_image_is_refused(run_cli, tmp_path, small_brain
     out = tmp_path / "OUT"
     code, stdout, err = run_cli("register", *paths, "-o", out, "--device", "cpu", "--quiet")
     line = _assert_one_line_error(code, stdout, err, "looks like a label map")
-    assert f"{role} image" in line and "liquidreg apply --interpolation nearest" in line
+    assert f"{role} image" in line and "'liquidreg apply' with nearest interpolation" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.nii.gz", "moving.nii.gz"]
     with pytest.raises(InputError, match="looks like a label map"):
         register.register(volumes["fixed"], volumes["moving"], device="cpu")

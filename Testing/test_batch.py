@@ -125,7 +125,7 @@ def test_bad_pairs_are_recorded_and_the_batch_goes_on(run_cli, cohort, tmp_path)
     assert [r["name"] for r in rows] == ["good", "corrupt", "missing_to_fixed", "good2"]
     assert [r["status"] for r in rows] == ["ok", "failed", "failed", "ok"]
     assert "corrupt or truncated" in rows[1]["error"] and "does not exist" in rows[2]["error"]
-    assert content["counts"] == {"ok": 2, "resumed": 0, "failed": 2}
+    assert content["counts"] == {"ok": 2, "resumed": 0, "failed": 2, "cancelled": 0}
     assert [r["name"] for r in content["results"]] == [r["name"] for r in rows]
     pair_events = {e["name"]: e for e in events if e.get("event") == "pair"}
     for row, stored in zip(rows, content["results"]):

@@ -161,9 +161,9 @@ def check(fixed_grid, moving_grid, working_grid, steps: int) -> None:
         raise NotEnoughMemory(
             f"registering these images needs about {(need - have + ADDRESS_SPACE_EXTRA) / gb:.1f}"
             f" GB more address space but this process may map only {max(mappable, 0) / gb:.1f} "
-            "GB more (its address-space limit: ulimit -v, or the job's memory request); raise "
-            "the limit (e.g. ulimit -v unlimited), ask the scheduler for more memory, or "
-            "resample the images to a coarser voxel size (e.g. 1 mm)")
+            "GB more (its address-space limit, set by the shell's ulimit or a cluster job); "
+            "raise the limit, ask the scheduler for more memory, or resample the images to a "
+            "coarser voxel size (e.g. 1 mm)")
 
 
 #: What to do when memory runs short (the end of every such message).
@@ -193,4 +193,4 @@ def allocation_failure(error: BaseException) -> NotEnoughMemory | None:
         size = asked and f"{asked.group(1)} {asked.group(2)}"
     what = f"{size} more could not be allocated" if size else type(error).__name__
     return NotEnoughMemory(f"ran out of memory ({what}); {FIXES}; under a memory limit "
-                           "(ulimit -v, a container, a cluster job) ask for more")
+                           "(the shell's ulimit, a container, a cluster job) ask for more")

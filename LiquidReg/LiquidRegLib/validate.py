@@ -46,9 +46,9 @@ def check_image(volume, name: str | None = None) -> None:
     if looks_like_labels(array):
         raise InputError(f"{label} looks like a label map (a segmentation or mask: whole "
                          "numbers, constant over regions), not an image; register the intensity "
-                         "images, then carry label maps through the result with 'liquidreg apply "
-                         "--interpolation nearest' (in Slicer: put them under the result "
-                         "transform)")
+                         "images, then carry label maps through the result with nearest-neighbour "
+                         "interpolation ('liquidreg apply' with nearest interpolation, or the "
+                         "result transform in Slicer)")
 
 
 def check_labels(volume, name: str | None = None) -> None:
