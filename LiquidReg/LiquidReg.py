@@ -40,11 +40,11 @@ from slicer.util import VTKObservationMixin
 from LiquidRegLib.options import ACCURATE_ITERATIONS, DEFAULT_REGULARISATION
 
 #: Pip requirements of the engine that Slicer's Python might lack (it ships numpy, scipy and
-#: SimpleITK; the PyTorch extension provides torch), keyed by import name.  tqdm is left out: it
-#: draws the terminal's progress bars only and is imported when one is drawn.  Kept equal to
-#: pyproject.toml by a test.
+#: SimpleITK; the PyTorch extension provides torch), keyed by import name.  tqdm and Pillow are
+#: left out: they draw the terminal's progress bars and the command line's overview.png, which
+#: the panel does not ask for.  Kept equal to pyproject.toml by a test.
 PIP_REQUIREMENTS = {"scipy": "scipy>=1.9", "SimpleITK": "SimpleITK>=2.2"}
-TERMINAL_ONLY_REQUIREMENTS = ("tqdm",)
+TERMINAL_ONLY_REQUIREMENTS = ("tqdm", "pillow")
 TORCH_REQUIREMENT = ">=2.1"
 
 MODES = ["Fast", "Accurate"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 
 import numpy as np
 import pytest
@@ -270,3 +271,162 @@ def test_too_little_disk_space_is_refused_before_any_work(run_cli, good, fake_en
     code, stdout, err = run_cli("register", good["fixed"], good["moving"], "-o", out, "--quiet")
     _assert_one_line_error(code, stdout, err, "not enough free disk space")
     assert "register" not in fake_engine and not out.exists()
+
+
+# ---- inputs that look wrong: refused or flagged before they give a plausible wrong answer -------
+def _write_pair(folder, fixed, moving):
+    paths = [folder / "fixed.nii.gz", folder / "moving.nii.gz"]
+    for path, volume in zip(paths, (fixed, moving)):
+        io.write_volume(path, volume.array, volume.grid)
+    return paths
+
+
+@pytest.mark.parametrize("role", ["fixed", "moving"])
+def test_a_label_map_given_as_an_image_is_refused(run_cli, tmp_path, small_brain_pair, role):
+    """From the command line and from Python, before any work: the message says how labels are
+    carried through a registration."""
+    from LiquidRegLib import register
+    from LiquidRegLib.errors import InputError
+
+    fixed, fixed_labels, moving, moving_labels = small_brain_pair
+    volumes = {"fixed": fixed, "moving": moving}
+    volumes[role] = fixed_labels if role == "fixed" else moving_labels
+    paths = _write_pair(tmp_path, volumes["fixed"], volumes["moving"])
+    out = tmp_path / "OUT"
+    code, stdout, err = run_cli("register", *paths, "-o", out, "--device", "cpu", "--quiet")
+    line = _assert_one_line_error(code, stdout, err, "looks like a label map")
+    assert f"{role} image" in line and "'liquidreg apply' with nearest interpolation" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.nii.gz", "moving.nii.gz"]
+    with pytest.raises(InputError, match="looks like a label map"):
+        register.register(volumes["fixed"], volumes["moving"], device="cpu")
+
+
+def test_images_stored_as_integers_are_never_taken_for_labels():
+    """uint8 and int16 brains, a CT-like image (HU with air clipped flat at -1024 and padding
+    at -3024, which make much of it constant) and a brain upsampled by nearest neighbour (blocks
+    of equal voxels, not aligned with the array) are images; label maps at 1-3 mm, also
+    upsampled, and masks are labels (the margins: scripts/measure_plausibility.py labels)."""
+    from measure_plausibility import ct_like
+
+    from LiquidRegLib.grid import resample
+    from LiquidRegLib.resources import sample_paths
+    from LiquidRegLib.validate import looks_like_labels
+    rng = np.random.default_rng(0)
+    for role in ("fixed", "moving"):
+        t1 = io.read_volume(sample_paths()[f"{role}_t1"], dtype=None)
+        labels = io.read_volume(sample_paths()[f"{role}_labels"], dtype=None)
+        assert t1.array.dtype == np.uint8
+        blocks = t1.array[::2, ::2, ::2].repeat(2, 0).repeat(2, 1).repeat(2, 2)  # upsampled
+        for image in (t1.array, t1.array.astype(np.int16) * 16, ct_like(labels.array, rng),
+                      blocks[1:, :-1, 3:]):
+            assert not looks_like_labels(image), (role, image.dtype)
+        for factor in (1, 2, 3):
+            grid = Grid(tuple(s // factor for s in labels.grid.shape),
+                        labels.grid.affine @ np.diag([factor, factor, factor, 1.0]))
+            coarse = resample(labels.array, labels.grid, grid, order="nearest")
+            assert looks_like_labels(coarse) and looks_like_labels(coarse > 0), (role, factor)
+        assert looks_like_labels(labels.array[::2, ::2, ::2].repeat(3, 0).repeat(3, 1).repeat(3, 2))
+
+
+def test_evaluate_refuses_intensity_images(run_cli, tmp_path):
+    """Two T1s stored as uint8 hold whole numbers, but their Dice would mean nothing."""
+    from LiquidRegLib.resources import sample_paths
+    paths = sample_paths()
+    report = tmp_path / "report.json"
+    code, stdout, err = run_cli("evaluate", paths["fixed_t1"], paths["moving_t1"], "-o", report,
+                                "--quiet")
+    line = _assert_one_line_error(code, stdout, err, "looks like an intensity image")
+    assert "fixed label map 'fixed_t1.nii.gz'" in line and code == 2
+    assert not report.exists()
+
+
+def _cut(volume, keep):
+    """``volume`` cut to the voxel box ``keep``, on the matching sub-grid."""
+    start = np.eye(4)
+    start[:3, 3] = [s.start or 0 for s in keep]
+    return io.Volume(np.ascontiguousarray(volume.array[keep]),
+                     Grid(volume.array[keep].shape, volume.grid.affine @ start))
+
+
+def test_a_partial_field_of_view_is_flagged_and_recorded(run_cli, tmp_path, small_brain_pair):
+    """A moving slab covering part of the fixed brain: the result is written, with one warning
+    line and the coverage, the warning and the masks used in summary.json."""
+    fixed, fixed_labels, moving, _ = small_brain_pair
+    depth = moving.grid.shape[2]
+    slab = _cut(moving, (slice(None), slice(None), slice(depth // 4, 3 * depth // 4)))
+    paths = _write_pair(tmp_path, fixed, slab)
+    mask = tmp_path / "brain.nii.gz"
+    io.write_volume(mask, (fixed_labels.array > 0).astype(np.uint8), fixed.grid)
+    out = tmp_path / "OUT"
+    code, _, err = run_cli("register", *paths, "-o", out, "--fixed-mask", mask, "--no-affine",
+                           "--device", "cpu", "--no-png", "--quiet")
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("liquidreg: warning: only "), err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["warnings"] == [lines[0].split("warning: ", 1)[1]]
+    # independently: the share of the mask's voxels within the slab's extent along S
+    z = fixed.grid.voxel_to_ras(np.argwhere(fixed_labels.array > 0))[:, 2]
+    low, high = sorted(slab.grid.voxel_to_ras(np.array([[0, 0, -0.5],
+                                                        [0, 0, slab.grid.shape[2] - 0.5]]))[:, 2])
+    share = np.mean((z >= low) & (z <= high))
+    assert 0.3 < share < 0.8
+    assert summary["overlap"]["fixed_covered"] == pytest.approx(share, abs=0.04)
+    assert summary["overlap"]["moving_covered"] > 0.9
+    assert f"{summary['overlap']['fixed_covered']:.0%}" in lines[0]
+    assert summary["masks"] == {"fixed": "fixed mask 'brain.nii.gz'", "moving": None}
+    assert summary["inputs"] == {"fixed": str(paths[0]), "moving": str(paths[1]),
+                                 "fixed_mask": str(mask), "moving_mask": None}
+
+
+def test_a_field_of_view_too_small_to_mean_anything_is_refused(run_cli, tmp_path,
+                                                                small_brain_pair):
+    """A 32 mm cube of a brain as the moving image of a whole brain: refused after the affine,
+    nothing written."""
+    fixed, _, moving, _ = small_brain_pair
+    centre = [s // 2 for s in moving.grid.shape]
+    cube = _cut(moving, tuple(slice(c - 8, c + 8) for c in centre))  # 16 voxels of 2 mm
+    paths = _write_pair(tmp_path, fixed, cube)
+    out = tmp_path / "OUT"
+    code, stdout, err = run_cli("register", *paths, "-o", out, "--no-affine", "--device", "cpu",
+                                "--quiet")
+    line = _assert_one_line_error(code, stdout, err, "too little is shared")
+    assert "register the partial image as the fixed image" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.nii.gz", "moving.nii.gz"]
+    # the other way round (the cube as the fixed image) is a registration of the cube's region
+    code, _, err = run_cli("register", paths[1], paths[0], "-o", out, "--no-affine", "--device",
+                           "cpu", "--no-png", "--quiet")
+    assert code == 0 and err == "", err
+
+
+def test_apply_follows_the_overwrite_rule_of_register(run_cli, good):
+    np.savetxt(good["folder"] / "identity.txt", np.eye(4))
+    out = good["folder"] / "warped.nii.gz"
+    out.write_bytes(b"mine")
+    arguments = ["apply", "--reference", good["fixed"], "--transform",
+                 good["folder"] / "identity.txt", good["moving"], "-o", out, "--quiet"]
+    code, stdout, err = run_cli(*arguments)
+    assert "--overwrite" in _assert_one_line_error(code, stdout, err, "already exists")
+    assert out.read_bytes() == b"mine"
+    code, _, err = run_cli(*arguments, "--overwrite")
+    assert code == 0, err
+    assert io.read_volume(out).grid == good["grid"]
+
+
+@pytest.mark.parametrize("command", ["register", "batch", "apply", "evaluate"])
+def test_an_output_inside_a_file_names_the_file(run_cli, good, command):
+    """``-o afile/sub`` where afile is a file: the message says so (not "permission denied")."""
+    afile = good["folder"] / "afile"
+    afile.write_text("mine")
+    (good["folder"] / "pairs.csv").write_text("fixed,moving\nfixed.nii.gz,moving.nii.gz\n")
+    arguments = {
+        "register": ["register", good["fixed"], good["moving"], "-o", afile / "sub"],
+        "batch": ["batch", good["folder"] / "pairs.csv", "-o", afile / "sub"],
+        "apply": ["apply", "--reference", good["fixed"], "--transform", good["fixed"],
+                  good["moving"], "-o", afile / "sub" / "out.nii.gz"],
+        "evaluate": ["evaluate", good["fixed"], good["moving"], "-o", afile / "report.json"],
+    }[command]
+    code, stdout, err = run_cli(*arguments, "--quiet")
+    line = _assert_one_line_error(code, stdout, err, f"'{afile}' is a file, not a folder")
+    assert "permission" not in line and code == 2
+    assert afile.read_text() == "mine"

@@ -125,7 +125,7 @@ def test_bad_pairs_are_recorded_and_the_batch_goes_on(run_cli, cohort, tmp_path)
     assert [r["name"] for r in rows] == ["good", "corrupt", "missing_to_fixed", "good2"]
     assert [r["status"] for r in rows] == ["ok", "failed", "failed", "ok"]
     assert "corrupt or truncated" in rows[1]["error"] and "does not exist" in rows[2]["error"]
-    assert content["counts"] == {"ok": 2, "resumed": 0, "failed": 2}
+    assert content["counts"] == {"ok": 2, "resumed": 0, "failed": 2, "cancelled": 0}
     assert [r["name"] for r in content["results"]] == [r["name"] for r in rows]
     pair_events = {e["name"]: e for e in events if e.get("event") == "pair"}
     for row, stored in zip(rows, content["results"]):
@@ -256,7 +256,7 @@ def test_killed_batch_resumes_and_its_workers_die_with_it(run_cli, cohort, tmp_p
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_cancel_stops_the_workers_and_keeps_finished_pairs(cohort, tmp_path):
     """SIGTERM (Slicer's Cancel, or Ctrl-C) mid-batch: exit 130, workers gone, nothing half
-    written, the table lists what finished."""
+    written, the table lists what finished and, as cancelled, the rest."""
     csv_path = write_csv(tmp_path / "pairs.csv", [("fixed", "moving", "output")] + [
         (str(cohort / f"{f}.nii.gz"), str(cohort / f"{m}.nii.gz"), n) for f, m, n in
         [("fixed", "moving", "a"), ("moving", "fixed", "b"), ("fixed_flip", "moving", "c"),
@@ -284,9 +284,11 @@ def test_cancel_stops_the_workers_and_keeps_finished_pairs(cohort, tmp_path):
         if folder.exists() and os.listdir(folder):
             assert sorted(os.listdir(folder)) == FILES
             complete.add(name)
-    rows, _ = table(out)
-    assert rows and all(r["status"] == "ok" for r in rows)
-    assert {r["name"] for r in rows} <= complete and len(complete) < 5
+    rows, _ = table(out)  # every pair has its row: finished, or cancelled (running or waiting)
+    assert [r["name"] for r in rows] == list("abcde")
+    assert {r["name"] for r in rows if r["status"] == "ok"} == complete
+    assert {r["status"] for r in rows if r["name"] not in complete} == {"cancelled"}
+    assert complete and len(complete) < 5
 
 
 def test_a_worker_that_dies_costs_only_its_pair(cohort, tmp_path):
@@ -335,3 +337,109 @@ def test_dask_local_cluster_with_two_workers(cohort, tmp_path):
     again = list(batch.register_many(pairs[:2], out, scheduler="tcp://127.0.0.1:9",
                                      affine=False, device="cpu", png=False))
     assert [r.status for r in again] == ["resumed", "resumed"]
+
+
+# ---- rough edges: the pairs file, arguments, the disk, Ctrl-C, an unreachable cluster --------
+def test_pairs_file_saved_by_excel_with_a_bom_and_spaces_around_names(tmp_path):
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_bytes("\ufefffixed , moving,  output\r\na.nii.gz, b.nii.gz , first\r\n"
+                         .encode("utf-8"))
+    [pair] = batch.read_pairs(csv_path)
+    assert pair == batch.Pair(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", "first")
+
+
+def test_workers_zero_is_refused_before_anything_is_made(run_cli, cohort, tmp_path):
+    csv_path = write_csv(tmp_path / "p.csv", [("fixed", "moving"), (str(cohort / "fixed.nii.gz"),
+                                                                  str(cohort / "moving.nii.gz"))])
+    code, _, err = run_cli("batch", csv_path, "-o", tmp_path / "out", "--workers", "0", "-q")
+    assert code == 2 and err.count("\n") == 1 and "1 or more, not 0" in err
+    assert sorted(os.listdir(tmp_path)) == ["p.csv"]
+
+
+def test_the_disk_is_checked_for_the_whole_cohort_before_the_work(run_cli, cohort, tmp_path,
+                                                                 monkeypatch):
+    """Room for one result, not three: refused before the first pair runs, nothing made."""
+    from LiquidRegLib import results
+    from LiquidRegLib.grid import Grid
+    ran = []
+    monkeypatch.setattr(batch, "run_pair", lambda *a, **k: ran.append(a))
+    grid = io.read_grid(cohort / "fixed.nii.gz")
+    one = results.bytes_needed(grid, io.read_grid(cohort / "moving.nii.gz"))
+    assert isinstance(grid, Grid)
+    free = int(1.5 * one)
+    monkeypatch.setattr(results.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - free, free))
+    csv_path = write_csv(tmp_path / "pairs.csv", [("fixed", "moving", "output")] + [
+        (str(cohort / "fixed.nii.gz"), str(cohort / "moving.nii.gz"), name)
+        for name in ("a", "b", "c")] + [(str(cohort / "fixed.nii.gz"),
+                                         str(cohort / "missing.nii.gz"), "d")])
+    code, _, err = run_cli("batch", csv_path, "-o", tmp_path / "out", "-q")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "not enough free disk space for the results of 4 pairs" in err
+    assert f"{3 * one / 2 ** 20:.0f} MB needed" in err  # the missing file counts for nothing
+    assert not ran and sorted(os.listdir(tmp_path)) == ["pairs.csv"]
+
+
+def test_ctrl_c_gives_every_unfinished_pair_its_row(run_cli, cohort, tmp_path, monkeypatch):
+    """In this process (--workers 1): the pair running at Ctrl-C and those after it are
+    "cancelled" in the table, next to the finished one."""
+    real = batch.run_pair
+
+    def run_pair(pair, out, settings, device=None):
+        if pair.name == "b":
+            raise KeyboardInterrupt
+        return real(pair, out, settings, device)
+    monkeypatch.setattr(batch, "run_pair", run_pair)
+    csv_path = write_csv(tmp_path / "pairs.csv", [("fixed", "moving", "output")] + [
+        (str(cohort / "fixed.nii.gz"), str(cohort / "moving.nii.gz"), name)
+        for name in ("a", "b", "c")])
+    out = tmp_path / "out"
+    code, _, err = run_cli("batch", csv_path, "-o", out, "--no-affine", "--no-png", "--device",
+                           "cpu", "-q")
+    assert code == 130 and "the 1 finished pairs are kept" in err
+    rows, content = table(out)
+    assert [(r["name"], r["status"]) for r in rows] == [("a", "ok"), ("b", "cancelled"),
+                                                        ("c", "cancelled")]
+    assert "rerun the same command" in rows[1]["error"]
+    assert content["counts"] == {"ok": 1, "resumed": 0, "failed": 0, "cancelled": 2}
+    assert sorted(os.listdir(out)) == ["a", batch.TABLE_CSV, batch.TABLE_JSON]
+    # interrupted before any pair finished: the folder it made is gone again
+    monkeypatch.setattr(batch, "run_pair", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    code, _, err = run_cli("batch", csv_path, "-o", tmp_path / "out2", "-q", "--device", "cpu")
+    assert code == 130 and not (tmp_path / "out2").exists()
+
+
+def test_an_unreachable_scheduler_leaves_nothing_behind(run_cli, cohort, tmp_path):
+    pytest.importorskip("distributed")
+    csv_path = write_csv(tmp_path / "p.csv", [("fixed", "moving"), (str(cohort / "fixed.nii.gz"),
+                                                                  str(cohort / "moving.nii.gz"))])
+    code, _, err = run_cli("batch", csv_path, "-o", tmp_path / "new" / "out", "--scheduler",
+                           "tcp://127.0.0.1:9", "-q")
+    assert code == 2 and err.count("\n") == 1 and "cannot reach the Dask scheduler" in err
+    assert sorted(os.listdir(tmp_path)) == ["p.csv"]
+
+
+def test_a_failed_allocation_in_a_pair_is_the_memory_line(cohort, tmp_path, monkeypatch):
+    from LiquidRegLib import register
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not "
+                           "enough memory: you tried to allocate 3221225472 bytes.")
+    monkeypatch.setattr(register, "register", out_of_memory)
+    [result] = batch.register_many([(cohort / "fixed.nii.gz", cohort / "moving.nii.gz")],
+                                   tmp_path / "out", device="cpu")
+    assert result.status == "failed" and "unexpected" not in result.error
+    assert result.error.startswith("ran out of memory (3.00 GB more could not be allocated)")
+
+
+def test_a_label_map_in_a_cohort_fails_its_pair_only(cohort, tmp_path):
+    labels = io.read_volume(cohort / "fixed.nii.gz")
+    labels.array = (labels.array > labels.array.mean()).astype("uint8") * 3
+    io.write_volume(tmp_path / "labels.nii.gz", labels.array, labels.grid)
+    results = list(batch.register_many(
+        [batch.Pair(cohort / "fixed.nii.gz", tmp_path / "labels.nii.gz", "labels"),
+         batch.Pair(cohort / "fixed.nii.gz", cohort / "moving.nii.gz", "images")],
+        tmp_path / "out", affine=False, device="cpu", png=False))
+    assert [(r.name, r.status) for r in results] == [("labels", "failed"), ("images", "ok")]
+    assert "looks like a label map" in results[0].error

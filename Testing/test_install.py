@@ -60,3 +60,23 @@ def test_installed_wheel_registers_the_sample_pair_from_another_folder(wheel, tm
     summary = json.loads((elsewhere / "out" / "summary.json").read_text())
     assert Path(summary["model"]["path"]).is_relative_to(site)
     assert summary["pct_folding"] < 0.1
+
+
+def test_ci_runs_the_readme_commands_and_registering_needs_no_test_stack():
+    """The README's Quick start is what CI runs, line for line; its first command installs the
+    package alone (with a PNG writer for overview.png), the second the test extras."""
+    import re
+    tomllib = pytest.importorskip("tomllib")
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quick start\n\n```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2, commands
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    for command in commands:
+        assert command in ci, f"not in .ci/run: {command}"
+    install, tests = commands
+    assert "pip install -q -e . " in install and "[test]" not in install
+    assert "liquidreg register" in install
+    assert '-e ".[test]"' in tests and "pytest" in tests
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(d.lower().startswith("pillow") for d in project["dependencies"])

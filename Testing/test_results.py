@@ -175,3 +175,78 @@ def test_save_result_without_pillow_skips_only_the_figure(tmp_path, grids, monke
     paths = results.save_result(_fake_result(grids["RAS_aniso"], grids["LPS"]), tmp_path / "out")
     assert "overview" not in paths
     assert _files(tmp_path / "out") == sorted(set(RESULT_NAMES) - {"overview.png"})
+
+
+# ---- shared results: permissions, one run per output ------------------------------------------
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("umask", [0o002, 0o022, 0o077])
+def test_result_folders_and_files_follow_the_umask(tmp_path, grids, umask):
+    """A colleague's group (umask 002) or everyone (022) can read a result as they can read any
+    folder the user makes; a private umask (077) keeps it private."""
+    previous = os.umask(umask)
+    try:
+        paths = results.save_result(_fake_result(grids["RAS_aniso"], grids["LPS"]),
+                                    tmp_path / "deep" / "out", png=True)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "deep" / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "deep").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.stat().st_mode & 0o777 for p in paths.values()} == {0o666 & ~umask}
+
+
+HOLDER = textwrap.dedent("""
+    import sys
+    from LiquidRegLib.results import claim
+    with claim(sys.argv[1]):
+        print("held", flush=True)
+        sys.stdin.read()
+""")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
+def test_one_run_per_output_and_a_killed_run_does_not_block(run_cli, tmp_path, grids,
+                                                            fake_engine):
+    """While another process holds OUT, register and batch into it are refused at once with one
+    line naming that process; once it is killed (its lock file left behind), OUT is free."""
+    fixed = grids["RAS_aniso"]
+    for name in ("fixed", "moving"):
+        io.write_volume(tmp_path / f"{name}.nii.gz", world_image(fixed), fixed)
+    (tmp_path / "pairs.csv").write_text("fixed,moving\nfixed.nii.gz,moving.nii.gz\n")
+    out = tmp_path / "shared" / "OUT"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for command in (["register", tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"],
+                        ["batch", tmp_path / "pairs.csv", "--no-affine"]):
+            code, _, err = run_cli(*command, "-o", out, "--quiet", "--device", "cpu")
+            assert code == 2 and err.count("\n") == 1, err
+            assert "is being written by another liquidreg run (process " \
+                   f"{holder.pid} on " in err and "choose another output" in err
+            assert not out.exists() and "register" not in fake_engine
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "shared" / ".OUT.liquidreg-lock").exists()  # what the kill left
+    code, _, err = run_cli("register", tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz",
+                           "-o", out, "--quiet", "--no-png")
+    assert code == 0, err
+    assert os.listdir(tmp_path / "shared") == ["OUT"]  # the lock file is gone with the run
+
+
+def test_a_second_claim_in_the_same_program_is_refused_and_its_folders_are_left_clean(
+        tmp_path):
+    """Two threads of one program cannot write the same output either; a refused or finished
+    claim removes the folders it made for its lock file."""
+    import threading
+    out = tmp_path / "a" / "b" / "OUT"
+    errors = []
+    with results.claim(out):
+        with results.claim(out):  # the same thread: re-entrant (save_result inside register)
+            pass
+        thread = threading.Thread(target=lambda: errors.append(
+            pytest.raises(InputError, results.claim(out).__enter__)))
+        thread.start()
+        thread.join()
+        assert "another registration in this program" in str(errors[0].value)
+    assert os.listdir(tmp_path) == []

@@ -73,8 +73,10 @@ class PairResult:
     """What became of one pair: a row of the cohort table."""
 
     name: str
-    status: str                      # "ok", "resumed" (complete from an earlier run) or "failed"
+    status: str                      # "ok", "resumed" (complete from an earlier run), "failed"
+    #                                  or "cancelled" (the batch stopped before it finished)
     error: str = ""                  # one line naming the problem and the fix
+    warning: str = ""                # what the result's summary warns about (e.g. a partial view)
     time_s: float | None = None      # wall time of this run on the pair (read, register, write)
     registration_s: float | None = None  # the engine's own time (summary.json timings_s.total)
     pct_folding: float | None = None     # % of voxels with J <= 0
@@ -89,7 +91,7 @@ class PairResult:
 
     @property
     def ok(self) -> bool:
-        return self.status != "failed"
+        return self.status in ("ok", "resumed")
 
     def row(self) -> dict:
         return asdict(self)
@@ -103,7 +105,16 @@ def _result(pair: Pair, folder: Path, status: str, summary: dict | None = None, 
         moving=str(pair.moving), registration_s=(summary.get("timings_s") or {}).get("total"),
         pct_folding=summary.get("pct_folding"), std_log_jac=summary.get("std_log_jac"),
         similarity_before=similarity.get("before"), similarity_after=similarity.get("after"),
-        **extra)
+        warning=" ".join(summary.get("warnings", [])), **extra)
+
+
+def cancelled(pairs: Iterable[Pair], results: Iterable[PairResult], out) -> list[PairResult]:
+    """Rows for the pairs of ``pairs`` that have no result: the batch stopped before they
+    finished (the ones running were stopped with nothing written)."""
+    done = {r.name for r in results}
+    return [_result(pair, Path(out) / pair.name, "cancelled", error=(
+        "the batch was cancelled before this pair finished; rerun the same command to register "
+        "it")) for pair in pairs if pair.name not in done]
 
 
 # ---- the pairs file --------------------------------------------------------------------------
@@ -203,8 +214,9 @@ def run_pair(pair: Pair, out, settings: Settings, device: str | None = None) -> 
         # or superseded run of it left (LiquidReg's own files), which the new result replaces.
         save_result(result, folder, overwrite=True, png=settings.png, fixed=fixed, moving=moving)
     except Exception as error:  # this pair only: bad input, or a bug or out-of-memory on it
-        message = " ".join(str(error).split())
-        if not isinstance(error, LiquidRegError):
+        from .memory import allocation_failure
+        message = " ".join(str(allocation_failure(error) or error).split())
+        if not isinstance(error, LiquidRegError) and allocation_failure(error) is None:
             message = f"unexpected {type(error).__name__}: {message}"
         return _result(pair, folder, "failed", error=message, worker=_worker_name(),
                        model_loaded=loaded, time_s=round(time.perf_counter() - started, 3))
@@ -241,7 +253,9 @@ def _earlier(pair: Pair, out: Path, settings: Settings, overwrite: bool) -> Pair
 def register_many(pairs: Iterable, out, options: RegistrationOptions | None = None, *,
                   workers: int = 1, scheduler=None, threads: int | None = None,
                   overwrite: bool = False, png: bool = True, **settings) -> Iterator[PairResult]:
-    """Register every pair into ``out/<pair name>``; yield a :class:`PairResult` as each finishes.
+    """Register every pair into ``out/<pair name>``: an iterator of :class:`PairResult`, one as
+    each pair finishes.  Bad arguments are refused here, before any pair is looked at; the space
+    the results need is checked before the first pair starts.
 
     ``pairs``: :class:`Pair` objects or (fixed, moving) tuples.  ``workers``: local processes
     (1 = this process).  ``scheduler``: a Dask scheduler address ("tcp://host:8786") or a
@@ -265,24 +279,51 @@ def register_many(pairs: Iterable, out, options: RegistrationOptions | None = No
         resolve_device(options.device)
         if workers > 1 and threads is None:
             threads = max(1, _cpu_count() // int(workers))
-    run = Settings(options, png, threads)
-    pending = []
-    for pair in pairs:
-        earlier = _earlier(pair, out, run, overwrite)
-        if earlier is None:
-            pending.append(pair)
+    return _register_all(pairs, out, Settings(options, png, threads), int(workers), scheduler,
+                         overwrite)
+
+
+def _register_all(pairs: list[Pair], out: Path, run: Settings, workers: int, scheduler,
+                  overwrite: bool) -> Iterator[PairResult]:
+    from .results import claim
+    with claim(out):  # one batch per output folder
+        pending = []
+        for pair in pairs:
+            earlier = _earlier(pair, out, run, overwrite)
+            if earlier is None:
+                pending.append(pair)
+            else:
+                yield earlier
+        if not pending:
+            return
+        _check_space(pending, out)
+        if scheduler is not None:
+            client = _dask_client(scheduler)  # before OUT is made: unreachable, nothing is left
+            out.mkdir(parents=True, exist_ok=True)
+            yield from _on_dask(pending, out, run, client, own=client is not scheduler)
         else:
-            yield earlier
-    if not pending:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    if scheduler is not None:
-        yield from _on_dask(pending, out, run, scheduler)
-    elif workers == 1:
-        for pair in pending:
-            yield run_pair(pair, out, run)
-    else:
-        yield from _on_processes(pending, out, run, int(workers))
+            out.mkdir(parents=True, exist_ok=True)
+            if workers == 1:
+                for pair in pending:
+                    yield run_pair(pair, out, run)
+            else:
+                yield from _on_processes(pending, out, run, workers)
+
+
+def _check_space(pending: list[Pair], out: Path) -> None:
+    """Refuse, before any work, a cohort whose results cannot all fit on the disk.  Only the
+    headers are read; a pair whose files cannot be read here (missing, corrupt, or visible only
+    to a cluster's workers) fails or runs on its own."""
+    from .io import read_grid
+    from .results import bytes_needed, check_free_space
+    need = 0
+    for pair in pending:
+        try:
+            need += bytes_needed(read_grid(pair.fixed), read_grid(pair.moving))
+        except LiquidRegError:
+            continue
+    check_free_space(out, need, f"the results of {len(pending)} pairs",
+                     ", or register the cohort in parts")
 
 
 def _cpu_count() -> int:
@@ -405,21 +446,24 @@ def _on_processes(pending: list[Pair], out: Path, settings: Settings, workers: i
 
 
 # ---- Dask ------------------------------------------------------------------------------------
-def _on_dask(pending: list[Pair], out: Path, settings: Settings, scheduler):
+def _dask_client(scheduler):
+    """A ``distributed.Client`` of ``scheduler`` (an address, or a client, returned as is)."""
     try:
-        from distributed import Client, as_completed
+        from distributed import Client
     except ImportError:
         raise InputError("a Dask scheduler was given but Dask is not installed; pip install "
                          "'liquidreg[dask]' (dask[distributed])") from None
-    own = not isinstance(scheduler, Client)
-    if own:
-        try:
-            client = Client(scheduler, timeout="20s")
-        except (OSError, TimeoutError, ValueError) as error:
-            raise InputError(f"cannot reach the Dask scheduler at '{scheduler}' ({error}); "
-                             "start one with 'dask scheduler' and pass its address") from None
-    else:
-        client = scheduler
+    if isinstance(scheduler, Client):
+        return scheduler
+    try:
+        return Client(scheduler, timeout="20s")
+    except (OSError, TimeoutError, ValueError) as error:
+        raise InputError(f"cannot reach the Dask scheduler at '{scheduler}' ({error}); "
+                         "start one with 'dask scheduler' and pass its address") from None
+
+
+def _on_dask(pending: list[Pair], out: Path, settings: Settings, client, own: bool):
+    from distributed import as_completed
     batch = uuid.uuid4().hex[:8]
     futures = {client.submit(run_pair, pair, out, settings, key=f"liquidreg-{pair.name}-{batch}",
                              pure=False): pair for pair in pending}
@@ -452,7 +496,7 @@ def write_table(results: Iterable[PairResult], out) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = [r.row() for r in results]
     counts = {status: sum(r["status"] == status for r in rows)
-              for status in ("ok", "resumed", "failed")}
+              for status in ("ok", "resumed", "failed", "cancelled")}
     paths = {"csv": out / TABLE_CSV, "json": out / TABLE_JSON}
     with atomic_output(paths["csv"]) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=TABLE_FIELDS)

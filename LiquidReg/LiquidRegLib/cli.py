@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import traceback
-from contextlib import closing
+from contextlib import closing, nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -188,8 +188,17 @@ def run_register(args, reporter: Reporter, cancel=None) -> None:
                                    moving_mask=masks.get("moving"), progress=reporter,
                                    cancel=cancel, inverse=not args.no_inverse)
     check(cancel)
+    result.summary["inputs"] = {role: None if path is None else str(Path(path).absolute())
+                                for role, path in (("fixed", fixed_path), ("moving", moving_path),
+                                                   ("fixed_mask", args.fixed_mask),
+                                                   ("moving_mask", args.moving_mask))}
+    for warning in result.summary.get("warnings", []):
+        reporter.warn(warning)
     paths = save_result(result, out, overwrite=args.overwrite, png=not args.no_png, fixed=fixed,
                         moving=moving, progress=reporter)
+    if not args.no_png and "overview" not in paths:
+        reporter.warn("overview.png was not drawn: Pillow is not installed in this Python; "
+                      "pip install pillow (or pass --no-png)")
     summary = getattr(result, "summary", None) or {}
     reporter.info(f"results written to {out}/: " + ", ".join(p.name for p in paths.values()))
     if isinstance(summary.get("pct_folding"), (int, float)):
@@ -212,12 +221,14 @@ def run_batch(args, reporter: Reporter, cancel=None) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"output '{out}' is an existing file; pass a folder for the results")
     check_writable(out / batch.TABLE_CSV)  # before any work: the pairs and the table go inside
+    made = not out.exists()
     order = {pair.name: index for index, pair in enumerate(pairs)}
     results = []  # kept in the order of PAIRS.csv
-    reporter(ProgressEvent("pairs", 0, len(pairs), "registering"))
-    running = batch.register_many(pairs, out, options, workers=args.workers or 1,
+    running = batch.register_many(pairs, out, options,
+                                  workers=1 if args.workers is None else args.workers,
                                   scheduler=args.scheduler, threads=args.threads,
                                   overwrite=args.overwrite, png=not args.no_png)
+    reporter(ProgressEvent("pairs", 0, len(pairs), "registering"))
     try:
         with closing(running):  # leaving early stops the workers at once
             for result in running:
@@ -229,8 +240,12 @@ def run_batch(args, reporter: Reporter, cancel=None) -> None:
                 reporter(ProgressEvent("pairs", len(results), len(pairs), result.name,
                                        {"failed": sum(not r.ok for r in results)}))
     except (KeyboardInterrupt, Cancelled):
-        if results:
-            batch.write_table(results, out)
+        if results:  # every pair gets its row: those not finished are "cancelled"
+            batch.write_table(sorted(results + batch.cancelled(pairs, results, out),
+                                     key=lambda r: order[r.name]), out)
+        elif made:
+            with suppress(OSError):
+                out.rmdir()  # nothing was finished: no empty folder left behind
         raise Cancelled(f"cancelled by the user; the {sum(r.ok for r in results)} finished pairs "
                         f"are kept in '{out}'; rerun the same command to finish the rest") from None
     table = batch.write_table(results, out)
@@ -270,6 +285,9 @@ def run_apply(args, reporter: Reporter, cancel=None) -> None:
         raise InputError(f"output '{out}' has no image extension; end it with .nii.gz, .nrrd or "
                          ".mha")
     _check_output_file(out, "resampled image")
+    if out.exists() and not args.overwrite:  # the rule of register's output folder
+        raise InputError(f"output '{out}' already exists; choose a new file name, or pass "
+                         "--overwrite to replace it")
     from .validate import looks_like_labels
 
     reference = read_grid(args.reference, name="reference image")
@@ -315,14 +333,12 @@ def evaluate_files(fixed_labels_path, moving_labels_path, *, transform=None, jac
     from .grid import resample
     from .io import read_volume
     from .metrics import dice_per_label, hd95_per_label, jacobian_stats, mean_dice
+    from .validate import check_labels
 
     fixed = read_volume(fixed_labels_path, name="fixed label map", dtype=None)
     moving = read_volume(moving_labels_path, name="moving label map", dtype=None)
     for volume in (fixed, moving):
-        if not np.issubdtype(volume.array.dtype, np.integer) and not np.all(
-                np.mod(volume.array, 1) == 0):
-            raise InputError(f"{volume.name} has non-integer values; pass a label map "
-                             "(segmentation), not an intensity image")
+        check_labels(volume)
     if labels is not None:
         held = set(np.unique(fixed.array).tolist()) | set(np.unique(moving.array).tolist())
         absent = [label for label in labels if label not in held]
@@ -651,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output image file")
     p.add_argument("--interpolation", choices=("linear", "nearest"), default="linear",
                    help="nearest for label maps (keeps integer labels and voxel type)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(run=run_apply)
 
     p = commands.add_parser(
@@ -710,7 +727,8 @@ def main(argv=None) -> int:
     # A terminating parent (e.g. Slicer's Cancel) gets the same clean exit as Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
     try:
-        args.run(args, reporter, cancel_hook(args))
+        with _claimed_output(args):
+            args.run(args, reporter, cancel_hook(args))
         return 0
     except LiquidRegError as error:
         message = _one_line(error)
@@ -718,15 +736,21 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         message, code = "cancelled by the user; nothing was written", 130
     except Exception as error:  # a bug, not bad input: still one line unless --debug
+        from .memory import allocation_failure
         if args.debug:
             raise
-        message = f"unexpected {type(error).__name__}: {error}"
-        if mode == "json":  # a program drives us (Slicer): it logs stderr, its user has no flags
-            traceback.print_exc(file=sys.stderr)
-            message += " (the traceback is in the log; please report it)"
+        shortage = allocation_failure(error)  # not a bug: the machine's (or the job's) limit
+        if shortage is not None:
+            message, code = _one_line(shortage), shortage.exit_code
         else:
-            message += " (rerun with --debug for the traceback and please report it)"
-        message, code = _one_line(message), 1
+            message = f"unexpected {type(error).__name__}: {error}"
+            if mode == "json":  # a program drives us (Slicer): it logs stderr, its user has
+                #                 no flags
+                traceback.print_exc(file=sys.stderr)
+                message += " (the traceback is in the log; please report it)"
+            else:
+                message += " (rerun with --debug for the traceback and please report it)"
+            message, code = _one_line(message), 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -734,6 +758,15 @@ def main(argv=None) -> int:
     reporter.error(message)
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
+
+
+def _claimed_output(args):
+    """``register`` and ``batch`` hold their output folder for the whole run
+    (:func:`results.claim`): a second run into it is refused before it does any work."""
+    if args.command not in ("register", "batch"):
+        return nullcontext()
+    from .results import claim
+    return claim(args.output)
 
 
 def _in_main_thread() -> bool:

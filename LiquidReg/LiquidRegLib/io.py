@@ -18,6 +18,7 @@ import shutil
 import struct
 import tempfile
 import time
+import uuid
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -304,8 +305,10 @@ def read_csv_table(csv_path, *, required, optional=(), paths=()) -> list[tuple[i
     if not csv_path.is_file():
         raise InputError(f"pairs file '{csv_path}' does not exist; check the path")
     try:
-        with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # Excel's UTF-8 has a BOM
+            reader = csv.DictReader(f)
+            reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
+            rows = list(reader)
     except (UnicodeDecodeError, csv.Error):
         raise InputError(f"pairs file '{csv_path}' is not a readable CSV; write it as text with a "
                          f"header line '{header}'") from None
@@ -490,7 +493,10 @@ def check_writable(path) -> None:
     existing = Path(path).absolute().parent
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
+    if not existing.is_dir():
+        raise InputError(f"cannot write '{path}': '{existing}' is a file, not a folder; choose "
+                         "an output location inside a folder")
+    if not os.access(existing, os.W_OK):
         raise InputError(f"cannot write into '{existing}' (permission denied); choose another "
                          "location for the output")
 
@@ -511,7 +517,14 @@ def staging_folder(target) -> Path:
             continue
         if gone:
             shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
+    while True:  # not tempfile.mkdtemp: its folders are private (0700), and a result folder
+        #          is this folder renamed; mkdir gives the permissions the user's umask asks for
+        folder = target.parent / f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
 
 
 @contextmanager

@@ -22,6 +22,7 @@ This is the only place where the engine's displacement field becomes a Slicer gr
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -542,5 +543,7 @@ def register_nodes(fixedNode, movingNode, options: RegistrationOptions | None = 
         options = RegistrationOptions.of(options, initial_affine=inputs.initialAffine)
     result = register(inputs.fixed, inputs.moving, options, fixed_mask=inputs.fixedMask,
                       moving_mask=inputs.movingMask, progress=progress, cancel=cancel)
+    for warning in result.summary.get("warnings", []):  # e.g. a partial field of view
+        logging.warning("LiquidReg: %s", warning)
     return apply_result(request, result.displacement, result.fixed_grid, result.jacobian,
                         result.warped, result.summary, inputs.preAlignmentNode)

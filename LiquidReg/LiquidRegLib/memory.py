@@ -7,6 +7,8 @@ slabs of the output stage, and the work on the network's working grid.
 """
 from __future__ import annotations
 
+import errno
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,11 @@ SLAB_BYTES = 250 * 2 ** 20          # ... at most
 WORKING_BYTES_PER_VOXEL = 420       # network on the working grid (v2: 2 mm refinement)
 INSTANCE_BYTES_PER_VOXEL = 700      # network + instance optimisation
 MARGIN = 1.1
+#: Address space a run maps beyond its resident memory (thread stacks, allocator reserves,
+#: memory mapped and never touched), for an RLIMIT_AS: the virtual size grew 170-240 MB more than
+#: the resident size from the check to the peak (the sample pair, a 400^3 pair; 2 and 16
+#: threads).  ``scripts/measure_plausibility.py address-space`` measures the whole margin.
+ADDRESS_SPACE_EXTRA = 256 * 2 ** 20
 
 
 class NotEnoughMemory(LiquidRegError):
@@ -116,21 +123,74 @@ def available() -> int | None:
     return min(known) if known else None
 
 
+def address_space_room() -> int | None:
+    """Bytes of address space this process may still map under its RLIMIT_AS (``ulimit -v``,
+    ``prlimit --as``, set by many HPC schedulers); None without such a limit.  Every allocation
+    counts against it whether or not it is ever touched, so it can stop a run that the free
+    memory would allow."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    mapped = _proc_bytes("/proc/self/status", "VmSize")
+    if soft == resource.RLIM_INFINITY or mapped is None:
+        return None
+    return soft - mapped
+
+
 def check(fixed_grid, moving_grid, working_grid, steps: int) -> None:
     """Refuse a registration that would not fit in memory, with what to do about it.
 
     Part of the estimate is already resident when this runs (the libraries, the images); in a
-    larger process (Slicer) the rest of its memory is not part of it, hence the bound.
+    larger process (Slicer) the rest of its memory is not part of it, hence the bound.  An
+    address-space limit must also hold what the allocators and threads reserve beyond what is
+    resident (:data:`ADDRESS_SPACE_EXTRA`).
     """
     need = estimate(fixed_grid, moving_grid, working_grid, steps)
-    room = available()
-    if room is None:
-        return
     loaded = BASE_BYTES + 4 * sum(int(np.prod(g.shape)) for g in (fixed_grid, moving_grid))
     have = min(resident(), loaded)
-    if need - have > room:
-        gb = 2 ** 30
+    gb = 2 ** 30
+    room = available()
+    if room is not None and need - have > room:
         raise NotEnoughMemory(
             f"registering these images needs about {need / gb:.1f} GB of memory but only "
-            f"{(room + have) / gb:.1f} GB is available; close other programs, use a machine with "
-            "more memory, or resample the images to a coarser voxel size (e.g. 1 mm)")
+            f"{(room + have) / gb:.1f} GB is available; {FIXES}")
+    mappable = address_space_room()
+    if mappable is not None and need - have + ADDRESS_SPACE_EXTRA > mappable:
+        raise NotEnoughMemory(
+            f"registering these images needs about {(need - have + ADDRESS_SPACE_EXTRA) / gb:.1f}"
+            f" GB more address space but this process may map only {max(mappable, 0) / gb:.1f} "
+            "GB more (its address-space limit, set by the shell's ulimit or a cluster job); "
+            "raise the limit, ask the scheduler for more memory, or resample the images to a "
+            "coarser voxel size (e.g. 1 mm)")
+
+
+#: What to do when memory runs short (the end of every such message).
+FIXES = ("close other programs, use a machine with more memory, or resample the images to a "
+         "coarser voxel size (e.g. 1 mm)")
+
+#: Words of the errors that report a failed allocation: numpy's MemoryError, torch's CPU and
+#: CUDA allocators, ITK, the C++ runtime, the system (ENOMEM), a thread whose stack or a library
+#: that cannot be mapped (a module imported late, under an address-space limit).
+_ALLOCATION_FAILURES = ("can't allocate memory", "cannot allocate memory", "defaultcpuallocator",
+                        "out of memory", "bad_alloc", "failed to allocate", "unable to allocate",
+                        "memoryallocationerror", "can't start new thread", "failed to map segment")
+
+
+def allocation_failure(error: BaseException) -> NotEnoughMemory | None:
+    """The one-line error for ``error`` if it is a failed allocation (anywhere: reading,
+    registering, writing), else None."""
+    text = " ".join(str(error).split())
+    if not (isinstance(error, MemoryError) or getattr(error, "errno", None) == errno.ENOMEM
+            or (isinstance(error, (RuntimeError, OSError, ImportError))
+                and any(words in text.lower() for words in _ALLOCATION_FAILURES))):
+        return None
+    asked = re.search(r"(?:tried|unable) to allocate ([\d.]+) ?(bytes|[KMGTP]i?B)", text, re.I)
+    if asked and asked.group(2) == "bytes":
+        size = f"{int(float(asked.group(1))) / 2 ** 30:.2f} GB"
+    else:
+        size = asked and f"{asked.group(1)} {asked.group(2)}"
+    what = f"{size} more could not be allocated" if size else type(error).__name__
+    return NotEnoughMemory(f"ran out of memory ({what}); {FIXES}; under a memory limit "
+                           "(the shell's ulimit, a container, a cluster job) ask for more")

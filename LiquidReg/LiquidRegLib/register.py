@@ -97,6 +97,10 @@ def register(fixed, moving, options: RegistrationOptions | None = None, *, fixed
         "std_log_jac": stats["std_log_jac"],
         "jacobian": stats,
         "similarity": similarity,
+        "masks": {"fixed": getattr(fixed_mask, "name", None),
+                  "moving": getattr(moving_mask, "name", None)},
+        "overlap": {k: v for k, v in inputs.coverage.items() if k != "warning"},
+        "warnings": [inputs.coverage["warning"]] if "warning" in inputs.coverage else [],
     }
     if instance is not None:
         summary["instance_optimisation"] = {"steps": instance.step, "skipped": instance.skipped,
@@ -113,6 +117,7 @@ class _Inputs:
     moving: object
     fixed_mask: object
     moving_mask: object
+    coverage: dict = field(default_factory=dict)  # validate.check_coverage after the affine
 
 
 def _register_on(dev, model, inputs: _Inputs, options: RegistrationOptions, timings, progress,
@@ -130,6 +135,8 @@ def _register_on(dev, model, inputs: _Inputs, options: RegistrationOptions, timi
     else:
         world_map = options.initial_affine if options.initial_affine is not None else np.eye(4)
     validate.check_overlap(fixed, moving, world_map)
+    inputs.coverage = validate.check_coverage(fixed, moving, world_map, inputs.fixed_mask,
+                                              inputs.moving_mask)
     timings["affine"] = round(time.perf_counter() - t, 3)
     velocity, pair, wgrid, instance = _deformable(model, inputs, world_map, dev, options,
                                                   progress, cancel, timings)

@@ -11,10 +11,19 @@ import errno
 import importlib.util
 import os
 import shutil
+import socket
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 import numpy as np
 
@@ -65,14 +74,105 @@ def bytes_needed(fixed_grid: Grid, moving_grid: Grid) -> int:
 
 def check_space(out_dir, fixed_grid: Grid, moving_grid: Grid) -> None:
     """Refuse, before any work, to start a registration whose result cannot fit on the disk."""
+    check_free_space(out_dir, bytes_needed(fixed_grid, moving_grid), "the result")
+
+
+def check_free_space(out_dir, need: int, what: str, fix: str = "") -> None:
+    """Refuse, before any work, to write ``need`` bytes (``what``) where the disk lacks them."""
     existing = Path(out_dir).absolute()
     while not existing.exists():
         existing = existing.parent
-    need, free = bytes_needed(fixed_grid, moving_grid), shutil.disk_usage(existing).free
+    free = shutil.disk_usage(existing).free
     if free < need:
-        raise OutputError(f"not enough free disk space for the result in '{existing}': about "
+        raise OutputError(f"not enough free disk space for {what} in '{existing}': about "
                           f"{need / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free; free some "
-                          "space or choose another output location")
+                          f"space or choose another output location{fix}")
+
+
+# ---- one run per output ---------------------------------------------------------------------
+_LOCK = ".liquidreg-lock"     # ".<output name>.liquidreg-lock" beside the output
+_CLAIMED: dict = {}           # outputs this process holds: absolute path -> [thread, depth]
+
+
+def _lock_file(lock: Path, out: Path) -> int:
+    """Open and lock ``lock`` (without waiting); its descriptor.  The lock is the kernel's
+    (flock; a byte-range lock on Windows), so it ends with its process, however that ends: a
+    lock file a killed run left behind is locked again at once."""
+    while True:
+        fd, holder = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666), ""
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EDEADLK):
+                return fd  # a file system without locks (rare): go on unlocked
+            with suppress(OSError):  # Windows cannot read a locked byte
+                holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            raise InputError(f"output '{out}' is being written by another liquidreg run "
+                             f"({holder or 'another process'}); wait for it to finish, or "
+                             "choose another output") from None
+        try:  # the run that held it may have removed the file just before we locked it
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    return fd
+
+
+@contextmanager
+def claim(out):
+    """Hold the output ``out`` (a result folder, a batch's folder) for this run, from before
+    the work until its result is in place: a second run into the same output is refused at once
+    with one line, instead of both computing and the later silently replacing the earlier.
+
+    Re-entrant within a thread (``save_result`` claims what the command already holds).  The
+    folders made here to hold the lock file are removed again if the run leaves them empty.
+    """
+    target = Path(out).absolute()
+    held = _CLAIMED.get(target)
+    if held is not None and held[0] == threading.get_ident():
+        held[1] += 1
+        try:
+            yield target
+        finally:
+            held[1] -= 1
+        return
+    if held is not None:
+        raise InputError(f"output '{out}' is being written by another registration in this "
+                         "program; wait for it to finish, or choose another output")
+    check_writable(target)
+    created = next((p for p in reversed(target.parents) if not p.exists()), None)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output folder '{target.parent}' ({exc.strerror}); "
+                         "choose a writable location") from None
+    lock = target.parent / f".{target.name}{_LOCK}"
+    try:
+        fd = _lock_file(lock, Path(out))
+    except BaseException:
+        _remove_empty_folders(target.parent, created)
+        raise
+    _CLAIMED[target] = [threading.get_ident(), 1]
+    try:
+        yield target
+    finally:
+        del _CLAIMED[target]
+        if fcntl is not None:  # unlinked while locked: a run waiting on it re-checks the name
+            os.unlink(lock)
+            os.close(fd)
+        else:
+            os.close(fd)
+            with suppress(OSError):
+                os.unlink(lock)
+        _remove_empty_folders(target.parent, created)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -150,21 +250,20 @@ def save_result(result, out_dir, *, overwrite: bool = False, png: bool = True,
     Ctrl-C leaves ``out_dir`` as it was.  ``fixed``/``moving`` feed the overview figure (skipped
     when Pillow is not installed).
     """
-    out_dir = check_output_folder(out_dir, overwrite=overwrite)
+    with claim(out_dir):
+        return _save(result, check_output_folder(out_dir, overwrite=overwrite), png, fixed,
+                     moving, progress)
+
+
+def _save(result, out_dir: Path, png: bool, fixed, moving, progress) -> dict:
     check_space(out_dir, result.fixed_grid, result.moving_grid)
     target = out_dir.absolute()
-    created = next((p for p in reversed(target.parents) if not p.exists()), None)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output folder '{out_dir}' ({exc.strerror}); choose a "
-                         "writable location") from None
     staging = staging_folder(target)
     staged = {k: staging / name for k, name in RESULT_FILES.items()}
     # Longest jobs first so the threads finish together.
     jobs = {"warp": lambda: write_displacement(staged["warp"], result.displacement,
                                                result.fixed_grid)}
-    if png and importlib.util.find_spec("PIL") is not None:  # optional: [figures] extra
+    if png and importlib.util.find_spec("PIL") is not None:  # Slicer's Python may lack it
         jobs["overview"] = lambda: _render_overview(staged["overview"], result, fixed, moving)
     if result.inverse_displacement is not None:  # None: not computed (register(inverse=False))
         jobs["inverse_warp"] = lambda: write_displacement(
@@ -187,7 +286,6 @@ def save_result(result, out_dir, *, overwrite: bool = False, png: bool = True,
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
-        _remove_empty_folders(target.parent, created)
         raise
     report(progress, "write", len(jobs), len(jobs), "results written",
            seconds=round(time.perf_counter() - start, 2))

@@ -406,11 +406,16 @@ def test_bad_selections_change_nothing(workdir):
     fixed, moving = _pair_on(grid)
     flat = add_volume(np.random.default_rng(3).random((20, 24, 1)).astype(np.float32),
                       np.diag([1.0, 1.0, 1.0, 1.0]), "single slice")
+    segmentation = np.zeros(grid.shape, np.int16)  # a label map loaded as a plain volume
+    segmentation[2:9, 3:12, 4:14], segmentation[9:14, 3:12, 4:14] = 17, 53
+    labels = add_volume(segmentation, grid.affine, "segmentation")
     cases = [
         ((fixed, fixed), {}, "same"),
         ((None, moving), {}, "no fixed volume"),
         ((fixed, None), {}, "no moving volume"),
         ((fixed, flat), {}, "2-D"),
+        ((fixed, labels), {}, "looks like a label map"),
+        ((labels, moving), {}, "looks like a label map"),
         ((fixed, moving), {"warpedVolumeNode": moving}, "moving volume"),
         ((fixed, moving), {"jacobianVolumeNode": fixed}, "fixed volume"),
     ]
