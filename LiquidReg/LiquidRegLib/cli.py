@@ -163,7 +163,9 @@ def option_arguments(options: RegistrationOptions) -> list[str]:
     return arguments
 
 
-def run_register(args, reporter: Reporter, cancel=None) -> None:
+def run_register(args, reporter: Reporter, cancel=None, model=None) -> None:
+    """``model``: a loaded (network, info) pair to use (the Slicer panel's warm worker keeps
+    one); None loads ``--weights``."""
     from . import register as registration
     from .io import read_volume
     from .results import check_output_folder, check_space, save_result
@@ -186,7 +188,7 @@ def run_register(args, reporter: Reporter, cancel=None) -> None:
     # register() validates images and masks itself (for every caller: CLI, Slicer, scripts).
     result = registration.register(fixed, moving, options, fixed_mask=masks.get("fixed"),
                                    moving_mask=masks.get("moving"), progress=reporter,
-                                   cancel=cancel, inverse=not args.no_inverse)
+                                   cancel=cancel, inverse=not args.no_inverse, model=model)
     check(cancel)
     paths = save_result(result, out, overwrite=args.overwrite, png=not args.no_png, fixed=fixed,
                         moving=moving, progress=reporter)
@@ -706,11 +708,17 @@ def main(argv=None) -> int:
     mode = args.progress
     if args.quiet and mode == "bar":
         mode = "none"
-    reporter = Reporter(mode)
+    return run_parsed(args, Reporter(mode), cancel_hook(args))
+
+
+def run_parsed(args, reporter: Reporter, cancel=None) -> int:
+    """Run a parsed command; returns its exit code.  An error is one line on stderr (and an
+    "error" event in json mode).  The warm worker (``worker.py``) runs each request through here."""
+    mode = reporter.mode
     # A terminating parent (e.g. Slicer's Cancel) gets the same clean exit as Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
     try:
-        args.run(args, reporter, cancel_hook(args))
+        args.run(args, reporter, cancel)
         return 0
     except LiquidRegError as error:
         message = _one_line(error)
