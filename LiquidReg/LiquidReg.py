@@ -178,7 +178,7 @@ class LiquidRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "currentPathChanged(QString)", lambda path: self._setParameter("finetuneOutput", path))
 
         self._jobTimer = qt.QTimer()
-        self._jobTimer.setInterval(200)
+        self._jobTimer.setInterval(50)  # a result is taken in at most 50 ms after it is ready
         self._jobTimer.connect("timeout()", self.onJobTimer)
         self._probeTimer = qt.QTimer()
         self._probeTimer.setInterval(300)

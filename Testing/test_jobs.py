@@ -235,6 +235,8 @@ def test_the_worker_keeps_one_network_for_every_request(warm, tmp_path):
     assert all(r["warm"] and r["pid"] == warm.worker.real_pid for r in registrations)
     assert warm.worker.pid == warm.worker.real_pid  # the "ready" event names the real worker
     assert (tmp_path / "second" / "summary.json").exists()
+    # files the panel reads once and deletes: not deflated (the stand-in's warped image is 0s)
+    assert (tmp_path / "second" / "warped.nii.gz").stat().st_size > 12 ** 3 * 4
 
 
 def test_weights_or_device_changes_load_the_network_again(tmp_path):

@@ -163,9 +163,9 @@ def option_arguments(options: RegistrationOptions) -> list[str]:
     return arguments
 
 
-def run_register(args, reporter: Reporter, cancel=None, model=None) -> None:
+def run_register(args, reporter: Reporter, cancel=None, model=None, compress=True) -> None:
     """``model``: a loaded (network, info) pair to use (the Slicer panel's warm worker keeps
-    one); None loads ``--weights``."""
+    one); None loads ``--weights``.  ``compress=False``: deflate no file (a result read once)."""
     from . import register as registration
     from .io import read_volume
     from .results import check_output_folder, check_space, save_result
@@ -191,7 +191,7 @@ def run_register(args, reporter: Reporter, cancel=None, model=None) -> None:
                                    cancel=cancel, inverse=not args.no_inverse, model=model)
     check(cancel)
     paths = save_result(result, out, overwrite=args.overwrite, png=not args.no_png, fixed=fixed,
-                        moving=moving, progress=reporter)
+                        moving=moving, progress=reporter, compress=compress)
     summary = getattr(result, "summary", None) or {}
     reporter.info(f"results written to {out}/: " + ", ".join(p.name for p in paths.values()))
     if isinstance(summary.get("pct_folding"), (int, float)):

@@ -424,8 +424,10 @@ def load_cli_result(request: RegistrationRequest, out_dir, preAlignmentNode=None
     """Bring the files written by ``liquidreg register -o out_dir`` into the scene."""
     out_dir = Path(out_dir)
     displacement, grid = read_displacement(out_dir / RESULT_FILES["warp"], name="result warp")
-    jacobian = read_volume(out_dir / RESULT_FILES["jacobian"], name="result Jacobian")
-    warped = read_volume(out_dir / RESULT_FILES["warped"], name="result warped image")
+    jacobian = read_volume(out_dir / RESULT_FILES["jacobian"], name="result Jacobian",
+                           itk_order=True)  # VTK's order: the nodes take them without a copy
+    warped = read_volume(out_dir / RESULT_FILES["warped"], name="result warped image",
+                         itk_order=True)
     summary = json.loads((out_dir / RESULT_FILES["summary"]).read_text())
     return apply_result(request, displacement, grid, jacobian.array, warped.array, summary,
                         preAlignmentNode)
@@ -433,15 +435,18 @@ def load_cli_result(request: RegistrationRequest, out_dir, preAlignmentNode=None
 
 # ---- files and command lines for background jobs ----------------------------------------------
 def write_cli_inputs(inputs: RegistrationInputs, folder) -> list[str]:
-    """Write a read request as files for ``liquidreg register``; returns the input arguments."""
+    """Write a read request as files for ``liquidreg register``; returns the input arguments.
+
+    Uncompressed NIfTI: the files live for one job, so compressing them (and inflating them in
+    the worker) would only cost time; NIfTI is streamed without ITK's copies."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     arguments = []
-    for volume, file_name in ((inputs.fixed, "fixed.nrrd"), (inputs.moving, "moving.nrrd")):
+    for volume, file_name in ((inputs.fixed, "fixed.nii"), (inputs.moving, "moving.nii")):
         write_volume(folder / file_name, volume.array, volume.grid)
         arguments.append(str(folder / file_name))
-    for volume, file_name, flag in ((inputs.fixedMask, "fixed_mask.nrrd", "--fixed-mask"),
-                                    (inputs.movingMask, "moving_mask.nrrd", "--moving-mask")):
+    for volume, file_name, flag in ((inputs.fixedMask, "fixed_mask.nii", "--fixed-mask"),
+                                    (inputs.movingMask, "moving_mask.nii", "--moving-mask")):
         if volume is not None:
             write_volume(folder / file_name, volume.array, volume.grid)
             arguments += [flag, str(folder / file_name)]

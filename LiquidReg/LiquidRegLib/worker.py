@@ -140,9 +140,9 @@ def serve(message: dict, network: WarmNetwork, requests: Requests) -> int:
                        "'liquidreg register' command line (details in the log)")
         return 2
 
-    def register_warm(args, reporter, cancel):
+    def register_warm(args, reporter, cancel):  # the panel reads the files once: no deflating
         model = network.get(args.weights, args.device)
-        cli.run_register(args, reporter, cancel, model=model)
+        cli.run_register(args, reporter, cancel, model=model, compress=False)
 
     args.run = register_warm
     return cli.run_parsed(args, reporter, requests.cancel_hook(number))
