@@ -30,6 +30,7 @@ the report records the load average at the start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -183,6 +184,23 @@ def startup_section(fixed: Path, moving: Path, workdir: Path, env: dict, args) -
 
 
 # ---- (e) writing the outputs -------------------------------------------------------------------
+@contextlib.contextmanager
+def writer_threads(count):
+    """``results.save_result`` with ``count`` writer threads (None: its own choice)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from LiquidRegLib import results
+
+    if count is None:
+        yield
+        return
+    results.ThreadPoolExecutor = lambda max_workers, **options: ThreadPoolExecutor(count, **options)
+    try:
+        yield
+    finally:
+        results.ThreadPoolExecutor = ThreadPoolExecutor
+
+
 def writing_section(result_dir: Path, workdir: Path, args) -> dict:
     import types
 
@@ -214,16 +232,22 @@ def writing_section(result_dir: Path, workdir: Path, args) -> dict:
         wall, cpu = min(times)
         return {"wall_s": wall, "cpu_s": cpu}
 
-    rows = {
-        "command line (all files, overview)": best(lambda: results.save_result(
-            result, out / "r", fixed=fixed, moving=moving)),
-        "panel (warp, warped, Jacobian)": best(lambda: results.save_result(
-            types.SimpleNamespace(**{**vars(result), "inverse_displacement": None}), out / "r",
-            png=False)),
+    panel = types.SimpleNamespace(**{**vars(result), "inverse_displacement": None})
+    rows = {}
+    for threads in (None, 1, 2, 3):  # None: save_result's own choice
+        name = "default writer threads" if threads is None else f"{threads} writer threads"
+        with writer_threads(threads):
+            rows[f"command line (all files, overview), {name}"] = best(
+                lambda: results.save_result(result, out / "r", fixed=fixed, moving=moving))
+            rows[f"panel (warp, warped, Jacobian; stored), {name}"] = best(
+                lambda: results.save_result(panel, out / "r", png=False, compress=False))
+    rows.update({
         "warp.nii.gz alone": best(lambda: io.write_displacement(out / "w.nii.gz", disp, grid)),
         "warped.nii.gz alone": best(lambda: io.write_volume(out / "w.nii.gz", warped, grid)),
+        "warped.nii.gz alone, stored": best(
+            lambda: io.write_volume(out / "w.nii.gz", warped, grid, compress=False)),
         "jacobian.nii.gz alone": best(lambda: io.write_volume(out / "j.nii.gz", jacobian, grid)),
-    }
+    })
     sizes = {path.name: path.stat().st_size for path in result_dir.iterdir()}
     return {"rows": rows, "file_bytes": sizes}
 

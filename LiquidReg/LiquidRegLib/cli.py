@@ -7,6 +7,7 @@ object per line so other programs (the Slicer module) can drive the command as a
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -132,6 +133,20 @@ def _check_output_file(out: Path, what: str) -> None:
 
 
 # ---- register --------------------------------------------------------------------------------
+def _import_in_background(module: str) -> threading.Thread:
+    """Start importing ``module`` on a thread, so that a slow import (torch: seconds) overlaps
+    other start-up work; join it, then import as usual (which raises any import error)."""
+    def load():
+        try:
+            importlib.import_module(module)
+        except BaseException:  # reported by the import that follows the join
+            pass
+
+    thread = threading.Thread(target=load, name="liquidreg-import", daemon=True)
+    thread.start()
+    return thread
+
+
 def registration_options(args) -> RegistrationOptions:
     """The register command's options as the engine takes them (the inverse of
     :func:`option_arguments`)."""
@@ -166,7 +181,7 @@ def option_arguments(options: RegistrationOptions) -> list[str]:
 def run_register(args, reporter: Reporter, cancel=None, model=None, compress=True) -> None:
     """``model``: a loaded (network, info) pair to use (the Slicer panel's warm worker keeps
     one); None loads ``--weights``.  ``compress=False``: deflate no file (a result read once)."""
-    from . import register as registration
+    engine = _import_in_background(f"{__package__}.register")  # torch, while the images load
     from .io import read_volume
     from .results import check_output_folder, check_space, save_result
     from .validate import check_overlap
@@ -185,6 +200,8 @@ def run_register(args, reporter: Reporter, cancel=None, model=None, compress=Tru
     if not options.affine or options.initial_affine is not None:  # fail before loading the network
         check_overlap(fixed, moving, options.initial_affine)
     check_space(out, fixed.grid, moving.grid)
+    engine.join()
+    from . import register as registration
     # register() validates images and masks itself (for every caller: CLI, Slicer, scripts).
     result = registration.register(fixed, moving, options, fixed_mask=masks.get("fixed"),
                                    moving_mask=masks.get("moving"), progress=reporter,

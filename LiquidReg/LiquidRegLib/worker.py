@@ -160,12 +160,23 @@ def tidy() -> None:
         torch.cuda.empty_cache()
 
 
+def pay_first_use_costs() -> None:
+    """Import now what the engine would import in the middle of a registration: its modules, and
+    what the first optimiser of a process imports (``torch._dynamo``, 1.5-2.6 s on the GPU
+    machine, shared notes), so that even the first Accurate run after a Fast one is warm."""
+    from . import io, register, results, validate  # noqa: F401
+
+    import torch
+
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+
+
 def main() -> None:
     from .devices import reuse_freed_memory
 
     reuse_freed_memory()  # within a request; tidy() returns the memory between requests
     requests = Requests(sys.stdin.fileno())
-    from . import register  # noqa: F401  (torch and the engine, before the first request)
+    pay_first_use_costs()
     network = WarmNetwork()
     cli.Reporter("json")._emit({"event": "ready", "pid": os.getpid()})
     while True:

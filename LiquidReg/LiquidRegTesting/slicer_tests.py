@@ -577,8 +577,8 @@ def test_slicer_paths_match_command_line(workdir, weights=None):
     error = np.abs(itk_transform_points(path, points) - ours).max()
     assert error < 1e-3, f"SimpleITK reads the saved transform {error} mm away"
 
-    # The panel's path: nodes -> files -> background `liquidreg` -> nodes, into the user's
-    # own output nodes, which are updated in place.
+    # The panel's path: nodes -> files -> the warm worker (background `liquidreg register`)
+    # -> nodes, into the user's own output nodes, which are updated in place.
     scene = slicer.mrmlScene
     mine = logic.RegistrationRequest(
         nodes["fixed"], nodes["moving"],
@@ -589,7 +589,13 @@ def test_slicer_paths_match_command_line(workdir, weights=None):
     arguments = logic.register_arguments(
         logic.write_cli_inputs(inputs, workdir / "panel"), workdir / "panel" / "result",
         RegistrationOptions(device="cpu", affine=False, weights=weights), panel=True)
-    _run_cli(workdir, arguments)
+    worker = jobs.Worker(jobs.worker_command())
+    try:
+        request = worker.submit(arguments)
+        request.wait(timeout=600)
+        assert request.outcome()[0] == "done", request.outcome()
+    finally:
+        worker.stop()
     panel = logic.load_cli_result(mine, workdir / "panel" / "result")
     assert panel.transformNode is mine.transformNode
     assert panel.warpedVolumeNode is mine.warpedVolumeNode

@@ -90,6 +90,7 @@ if sys.argv[2] == "LiquidRegLib.worker":
     from LiquidRegLib import worker  # noqa: E402
 
     worker.load_network = load_network
+    worker.pay_first_use_costs = lambda: None  # no torch here
     worker.main()
 else:
     from LiquidRegLib.cli import main  # noqa: E402
