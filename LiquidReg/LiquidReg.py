@@ -594,7 +594,7 @@ class LiquidRegLogic(ScriptedLoadableModuleLogic):
                                            p.movingMask, *self._outputs(p), p.applyToMoving)
         options = self.registrationOptions(p)
         with self._jobFolder() as folder:
-            inputs = mrml.read_request(request)
+            inputs = mrml.read_request(request, vtk_order=True)
             arguments = mrml.register_arguments(
                 mrml.write_cli_inputs(inputs, folder / "inputs"), folder / "result", options,
                 panel=True)
@@ -737,7 +737,7 @@ class LiquidRegTest(ScriptedLoadableModuleTest):
 
     def test_PanelRegistersCancelsAndRegistersAgain(self):
         """Register (Fast), Cancel, Register again (Accurate): the same output nodes are updated
-        and the moving volume keeps its own pre-alignment."""
+        and the moving volume keeps its own pre-alignment; closing the scene ends the worker."""
         from LiquidRegLib.resources import sample_paths
 
         paths = sample_paths()
@@ -767,4 +767,10 @@ class LiquidRegTest(ScriptedLoadableModuleTest):
         self.assertIs(moving.GetParentTransformNode(), transform)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
         self.assertIs(transform.GetNodeReference("LiquidReg.preAlignment"), prealign)
+
+        worker = widget.logic.worker  # kept warm for the next Register...
+        self.assertTrue(worker is not None and worker.alive)
+        slicer.mrmlScene.Clear(0)  # ...until the scene closes
+        self.assertIsNone(widget.logic.worker)
+        self.assertFalse(worker.alive)
         self.delayDisplay("Register, Cancel and Register again from the panel passed")

@@ -217,6 +217,18 @@ def _started(request):
     wait_for(lambda: request.poll() or request.events)
 
 
+def _cancel_once_started(warm, behaviour: str):
+    """A request of the stand-in engine behaving so, cancelled once it reports progress; the
+    request and the seconds from Cancel to its end."""
+    warm.behave(behaviour)
+    request = warm.register(behaviour)
+    _started(request)
+    started = time.monotonic()
+    request.cancel()
+    request.wait(timeout=30)
+    return request, time.monotonic() - started
+
+
 def test_the_worker_keeps_one_network_for_every_request(warm, tmp_path):
     """Two registrations in one process: the network is loaded once and handed to both; each
     request reports its own progress and result, the result files are the command line's."""
@@ -262,17 +274,12 @@ def test_cancel_stops_the_request_and_keeps_the_worker(warm, tmp_path):
     """Cancel reaches the engine's cancel hook at its next step, within the 2 s target, through
     the launcher: nothing is killed, nothing written, and the same process takes the next
     request."""
-    warm.behave("slow")
-    request = warm.register("cancelled")
-    _started(request)
-    started = time.monotonic()
-    request.cancel()
-    request.wait(timeout=30)
-    assert time.monotonic() - started < 2.0
+    request, seconds = _cancel_once_started(warm, "slow")
+    assert seconds < 2.0
     assert request.outcome() == ("cancelled", jobs.CANCELLED)
     assert request.events[-1]["event"] == "error" and not request.killed
     assert warm.worker.alive and alive(warm.worker.real_pid)
-    assert not (tmp_path / "cancelled").exists()
+    assert not (tmp_path / "slow").exists()
     warm.behave("instant")
     again = warm.register("again")
     again.wait(timeout=60)
@@ -283,13 +290,8 @@ def test_cancel_stops_the_request_and_keeps_the_worker(warm, tmp_path):
 def test_a_worker_that_ignores_cancel_is_killed_and_a_new_one_works(warm, tmp_path):
     """Inside one long computation the request cannot stop: the worker and its launcher are
     killed after the grace period (cancel within 2 s) and a new worker takes the next one."""
-    warm.behave("stuck")
-    request = warm.register("stuck")
-    _started(request)
-    started = time.monotonic()
-    request.cancel()
-    request.wait(timeout=30)
-    assert time.monotonic() - started < 2.0 + 0.5  # 1.5 s grace + polling
+    request, seconds = _cancel_once_started(warm, "stuck")
+    assert seconds < 2.0 + 0.5  # 1.5 s grace + polling
     assert request.killed and request.outcome() == ("cancelled", jobs.CANCELLED)
     wait_for(lambda: not alive(warm.worker.real_pid), timeout=5)
     assert not warm.worker.alive

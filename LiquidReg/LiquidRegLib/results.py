@@ -178,8 +178,8 @@ def save_result(result, out_dir, *, overwrite: bool = False, png: bool = True,
         "summary": lambda: write_json(staged["summary"], _summary(result)),
     })
     start = time.perf_counter()
-    # As many writers as files or cores (zlib, numpy and file I/O release the GIL): on 2 cores,
-    # 2 wrote the command line's result fastest (benchmark_worker.py, section writing).
+    # As many writers as files or cores (zlib, numpy and file I/O release the GIL); measured by
+    # scripts/benchmark_worker.py (writing).
     pool = ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1),
                               thread_name_prefix="liquidreg-write")
     try:

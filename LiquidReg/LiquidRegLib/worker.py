@@ -187,7 +187,8 @@ def main() -> None:
             serve(message, network, requests)
         except BrokenPipeError:  # the driver is gone
             break
-        tidy()
+        if requests.queue.empty():  # while Slicer takes the result in (a next request reuses it)
+            tidy()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # nothing left to write; skip the interpreter's slow teardown with torch loaded

@@ -134,6 +134,11 @@ def test_volume_from_node_oblique_lps(workdir):
     assert np.allclose(volume.grid.affine, ijk_to_ras(node), atol=1e-9)
     labels = logic.volume_from_node(node, "mask", labels=True)
     assert labels.array.dtype == np.int32 and np.array_equal(labels.array, array)
+    for kind in (False, True):  # the panel's copy in VTK's memory order: the same voxels
+        ordered = logic.volume_from_node(node, "mask", labels=kind, vtk_order=True)
+        assert ordered.array.transpose(2, 1, 0).flags.c_contiguous
+        assert np.array_equal(ordered.array, array) and ordered.grid == volume.grid
+        assert not np.shares_memory(ordered.array, slicer.util.arrayFromVolume(node))
 
     # MRML writes the node, ITK (through the engine's reader) reads the file: same placement.
     from_file = read_volume(logic.write_node(node, workdir / "oblique.nrrd"), dtype=None)
@@ -585,7 +590,7 @@ def test_slicer_paths_match_command_line(workdir, weights=None):
         transformNode=scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "my transform"),
         warpedVolumeNode=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my warped"))
     nodes["moving"].SetAndObserveTransformNodeID(manual.GetID())
-    inputs = logic.read_request(mine)
+    inputs = logic.read_request(mine, vtk_order=True)
     arguments = logic.register_arguments(
         logic.write_cli_inputs(inputs, workdir / "panel"), workdir / "panel" / "result",
         RegistrationOptions(device="cpu", affine=False, weights=weights), panel=True)
