@@ -63,11 +63,23 @@ def panel_logic(workdir: Path):
     return LiquidReg, logic
 
 
+def resident_mb(pid) -> float | None:
+    """The resident memory of process ``pid`` (MB), None if it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (OSError, TypeError):
+        return None
+    return next(int(line.split()[1]) / 1024 for line in status.splitlines()
+                if line.startswith("VmRSS:"))
+
+
 def click(logic, parameters, *, cancel_at_stage=None) -> dict:
-    """One Register from the click to the result in the scene; times in seconds."""
-    t0 = time.perf_counter()
+    """One Register from the click to the result in the scene; times in seconds (CPU: this
+    process, i.e. Slicer's side)."""
+    idle_mb = resident_mb(logic.worker.pid) if logic.worker is not None else None
+    t0, c0 = time.perf_counter(), time.process_time()
     logic.startRegistration(parameters)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     job, cancelled_at = logic.job, None
     while not job.finished:
         for event in job.poll():
@@ -76,12 +88,13 @@ def click(logic, parameters, *, cancel_at_stage=None) -> dict:
                 cancelled_at = time.perf_counter()
                 logic.cancel()
         time.sleep(0.005)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     killed = getattr(job, "killed", False)
     status, message = logic.finishJob()
-    t3 = time.perf_counter()
+    t3, c3 = time.perf_counter(), time.process_time()
     row = {"status": status, "message": message, "wall_s": t3 - t0, "prepare_s": t1 - t0,
-           "worker_s": t2 - t1, "take_in_s": t3 - t2, "killed": killed}
+           "worker_s": t2 - t1, "take_in_s": t3 - t2, "prepare_cpu_s": c1 - c0,
+           "take_in_cpu_s": c3 - c2, "killed": killed, "worker_idle_rss_mb": idle_mb}
     if cancelled_at is not None:
         row["cancel_to_end_s"] = t2 - cancelled_at
     if status == "done":
@@ -89,6 +102,7 @@ def click(logic, parameters, *, cancel_at_stage=None) -> dict:
         row["engine_s"] = summary["timings_s"]["total"]
         row["engine_stages_s"] = summary["timings_s"]
         row["overhead_s"] = row["wall_s"] - row["engine_s"]
+        row["worker_beyond_engine_s"] = row["worker_s"] - row["engine_s"]
     return row
 
 
@@ -138,16 +152,20 @@ def timed(command, env, log: Path, timeout: float) -> dict:
     return measured
 
 
-def top_imports(importtime_log: str, count: int = 8) -> list:
-    """The largest top-level imports of a ``-X importtime`` log: [(module, seconds)]."""
-    rows = []
+#: What ``liquidreg register`` imports that takes time (its own modules are small).
+HEAVY_IMPORTS = ("torch", "numpy", "SimpleITK", "PIL", "LiquidRegLib.register")
+
+
+def import_seconds(importtime_log: str) -> dict:
+    """Cumulative seconds of each of :data:`HEAVY_IMPORTS` in a ``-X importtime`` log, wherever
+    it was first imported (torch is imported on a thread, so nesting says little)."""
+    seconds = {}
     for line in importtime_log.splitlines():
-        if not line.startswith("import time:") or "|" not in line or "self [us]" in line:
-            continue
-        _, cumulative, name = line[len("import time:"):].split("|")
-        if not name.startswith("  "):  # one space after the bar: a top-level import
-            rows.append((name.strip(), int(cumulative) / 1e6))
-    return sorted(rows, key=lambda row: -row[1])[:count]
+        if line.startswith("import time:") and "|" in line and "self [us]" not in line:
+            _, cumulative, name = line[len("import time:"):].split("|")
+            if name.strip() in HEAVY_IMPORTS:
+                seconds.setdefault(name.strip(), int(cumulative) / 1e6)
+    return seconds
 
 
 def startup_section(fixed: Path, moving: Path, workdir: Path, env: dict, args) -> dict:
@@ -179,7 +197,7 @@ def startup_section(fixed: Path, moving: Path, workdir: Path, env: dict, args) -
     median = {name: statistics.median(values) for name, values in runs.items()}
     return {"runs": runs, "median": median,
             "slack_s": median["import_torch"] + median["engine"] + 1.0 - median["register"],
-            "top_imports": top_imports(importtime.stderr),
+            "imports": import_seconds(importtime.stderr),
             "weights_load_s": float(weights.stdout.strip().splitlines()[-1])}
 
 
@@ -248,8 +266,38 @@ def writing_section(result_dir: Path, workdir: Path, args) -> dict:
             lambda: io.write_volume(out / "w.nii.gz", warped, grid, compress=False)),
         "jacobian.nii.gz alone": best(lambda: io.write_volume(out / "j.nii.gz", jacobian, grid)),
     })
+    inputs = []  # as the panel writes them
+    for volume, name in ((fixed, "fixed.nii"), (moving, "moving.nii")):
+        io.write_volume(workdir / name, volume.array, volume.grid)
+        inputs.append(workdir / name)
+    from LiquidRegLib.worker import WarmNetwork
+
+    network = WarmNetwork(load=lambda weights, device: None)  # kept, as the worker keeps it
+    rows["a panel request without the engine (the worker's share)"] = best(
+        lambda: worker_request_without_engine(panel, inputs, out, network, args))
     sizes = {path.name: path.stat().st_size for path in result_dir.iterdir()}
     return {"rows": rows, "file_bytes": sizes}
+
+
+def worker_request_without_engine(result, inputs, out: Path, network, args) -> None:
+    """What the warm worker does for a request beyond the engine: ``worker.serve`` on the
+    panel's input files, with ``register.register`` handing back ``result``."""
+    import io as text
+    import types
+
+    from LiquidRegLib import register, worker
+
+    engine, register.register = register.register, lambda *arguments, **options: result
+    try:
+        with contextlib.redirect_stdout(text.StringIO()):  # its JSON events
+            code = worker.serve(
+                {"request": 1, "arguments": ["register", *map(str, inputs), "-o", str(out / "r"),
+                                             "--no-png", "--no-inverse", "--device", args.device]},
+                network, types.SimpleNamespace(cancel_hook=lambda number: None))
+    finally:
+        register.register = engine
+    if code != 0:
+        raise RuntimeError("the worker's request failed; run it by hand to see why")
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -265,13 +313,21 @@ def markdown(report: dict) -> str:
     panel = report.get("panel")
     if panel:
         lines += ["## The panel's Register through the warm worker", "",
+                  "Beyond the engine: preparing the inputs and taking the result in (Slicer's "
+                  "side, wall and CPU seconds) and the worker's own time beyond the engine "
+                  "(reading, writing, start-up for the first).", "",
                   "| Register | mode | click to result (s) | engine (s) | beyond the engine (s) "
-                  "| prepare | worker | take in |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+                  "| prepare (CPU) | worker beyond engine | take in (CPU) | worker idle RSS (MB) |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for row in panel["registers"]:
+            idle = row.get("worker_idle_rss_mb")
             lines.append(f"| {row['register']} | {row['mode']} | {row['wall_s']:.2f} | "
                          f"{row.get('engine_s', float('nan')):.2f} | "
-                         f"{row.get('overhead_s', float('nan')):.2f} | {row['prepare_s']:.2f} | "
-                         f"{row['worker_s']:.2f} | {row['take_in_s']:.2f} |")
+                         f"{row.get('overhead_s', float('nan')):.2f} | {row['prepare_s']:.2f} "
+                         f"({row['prepare_cpu_s']:.2f}) | "
+                         f"{row.get('worker_beyond_engine_s', float('nan')):.2f} | "
+                         f"{row['take_in_s']:.2f} ({row['take_in_cpu_s']:.2f}) | "
+                         f"{'-' if idle is None else f'{idle:.0f}'} |")
         cancel = panel["cancel"]
         lines += ["", f"Cancel during the network stage: the job ended "
                   f"{cancel.get('cancel_to_end_s', float('nan')):.2f} s after Cancel "
@@ -294,9 +350,10 @@ def markdown(report: dict) -> str:
                   f"| loading the weights (inside the engine's time) | "
                   f"{startup['weights_load_s']:.2f} |", "",
                   f"Target (import torch + engine + 1 s) minus the wall time: "
-                  f"**{startup['slack_s']:+.2f} s** (positive: met).  Largest top-level imports "
-                  "of a real run: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds
-                                                  in startup["top_imports"]) + ".", ""]
+                  f"**{startup['slack_s']:+.2f} s** (positive: met).  What a real run "
+                  "imports (cumulative, `-X importtime`): " + ", ".join(
+                      f"{name} {seconds:.2f} s" for name, seconds in startup["imports"].items())
+                  + ".", ""]
     writing = report.get("writing")
     if writing:
         lines += ["## Writing the outputs (`results.save_result`, best of the repeats)", "",
