@@ -242,7 +242,8 @@ def read_grid(path, *, name: str = "image") -> Grid:
     return _grid_of(reader, label)
 
 
-def read_volume(path, *, name: str = "image", dtype=np.float32, itk_order: bool = False) -> Volume:
+def read_volume(path, *, name: str = "image", dtype=np.float32,
+                itk_order: bool = False) -> Volume:
     """Read a scalar 3-D image as a :class:`Volume` indexed [i, j, k].
 
     ``dtype=None`` keeps the file's voxel type (label maps); the default converts to float32.
