@@ -44,7 +44,6 @@ def reuse_freed_memory() -> None:
         pass
 
 
-
 def release_freed_memory() -> None:
     """Give the memory freed so far back to the system (glibc's ``malloc_trim``).
 

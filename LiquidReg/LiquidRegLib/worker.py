@@ -16,8 +16,10 @@ The line protocol (JSON, one object per line; one request at a time):
   one "done" or "error" event.
 
 A request is the ``register`` command itself, parsed, checked, run and reported by ``cli`` (so
-the panel gets exactly the command line's result and messages), with the network kept here:
-loaded for the first request, loaded again only when the weights file or the device changes.
+the panel gets the command line's result and messages; its files are not deflated, as the panel
+reads them once), with the network kept here: loaded for the first request, loaded again only
+when the weights file or the device changes.  First-use costs are paid at start, and between
+requests the worker gives a registration's memory back.
 """
 from __future__ import annotations
 
