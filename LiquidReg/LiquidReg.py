@@ -3,9 +3,12 @@
 Nothing of PyTorch enters Slicer's process: torch may not be installed yet, and importing it
 freezes the application for seconds.  ``LiquidRegLogic`` is the module's logic: the panel hands it
 the parameter node (``startRegistration``, ``startFinetune``), its timer polls the background job
-(``LiquidRegLib.jobs``: the ``liquidreg`` command in another process, cancellable) and
-``finishJob`` brings the result into the scene through ``LiquidRegLib.logic``.  The widget only
-shows what the logic reports.  Scripts call ``LiquidRegLogic().register(...)``, which blocks.
+(``LiquidRegLib.jobs``: registrations go to a warm worker process that keeps PyTorch and the
+network loaded between them, fine-tuning runs the ``liquidreg`` command in a process of its own;
+both cancellable) and ``finishJob`` brings the result into the scene through
+``LiquidRegLib.logic``.  The logic owns the worker: it starts it at the first Register and ends it
+when the scene closes or the module is cleaned up.  The widget only shows what the logic reports.
+Scripts call ``LiquidRegLogic().register(...)``, which blocks.
 """
 import contextlib
 import importlib.metadata
@@ -175,7 +178,7 @@ class LiquidRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "currentPathChanged(QString)", lambda path: self._setParameter("finetuneOutput", path))
 
         self._jobTimer = qt.QTimer()
-        self._jobTimer.setInterval(200)
+        self._jobTimer.setInterval(50)  # a result is taken in at most 50 ms after it is ready
         self._jobTimer.connect("timeout()", self.onJobTimer)
         self._probeTimer = qt.QTimer()
         self._probeTimer.setInterval(300)
@@ -187,7 +190,7 @@ class LiquidRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.detectGpu()
 
     def cleanup(self) -> None:
-        self.logic.cancel()
+        self.logic.cleanup()
         self._jobTimer.stop()
         self._probeTimer.stop()
         self.removeObservers()
@@ -202,7 +205,7 @@ class LiquidRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
 
     def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)  # the logic cancels a running job itself
+        self.setParameterNode(None)  # the logic cancels a running job and ends its worker itself
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -388,12 +391,15 @@ class LiquidRegLogic(ScriptedLoadableModuleLogic):
 
     One job at a time: ``startRegistration``/``startFinetune`` start it, ``job.poll()`` reports
     progress, ``cancel`` stops it (also when the scene closes) and ``finishJob`` takes in its
-    result.  ``register`` is the blocking scripting entry point.
+    result.  Registrations run in ``worker``, a warm worker process started by the first one and
+    kept until the scene closes or ``cleanup`` (a killed or crashed worker is replaced by the
+    next Register).  ``register`` is the blocking scripting entry point.
     """
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleLogic.__init__(self, parent)
         self.job = None
+        self.worker = None  # the warm registration worker (LiquidRegLib.jobs.Worker)
         self.python = None  # interpreter command for jobs; None: PythonSlicer
         self._task = None
         self._started = 0.0
@@ -481,15 +487,53 @@ class LiquidRegLogic(ScriptedLoadableModuleLogic):
         return True
 
     # ---- jobs -------------------------------------------------------------------------------
-    def _run(self, arguments, task: _Task) -> None:
+    def _run(self, job, task: _Task) -> None:
+        self.job, self._task, self._started = job, task, time.monotonic()
+        self._observeSceneClose()
+
+    def _runCommand(self, arguments, task: _Task) -> None:
+        """Run ``liquidreg ARGUMENTS`` in a process of its own."""
         from LiquidRegLib import jobs
 
         cancelFile = task.folder / "cancel"
-        self.job = jobs.Job(jobs.liquidreg_command(arguments, cancelFile, python=self.python),
-                            cancel_file=cancelFile)
-        self._task, self._started = task, time.monotonic()
-        self._sceneObservation = slicer.mrmlScene.AddObserver(
-            vtkMRMLScene.StartCloseEvent, self._onSceneClose)
+        self._run(jobs.Job(jobs.liquidreg_command(arguments, cancelFile, python=self.python),
+                           cancel_file=cancelFile), task)
+
+    def registrationWorker(self):
+        """The warm worker, started now if there is none (or the last one was killed or died)."""
+        from LiquidRegLib import jobs
+
+        if self.worker is not None and not self.worker.alive:
+            self.stopWorker()
+        if self.worker is None:
+            self.worker = jobs.Worker(jobs.worker_command(python=self.python))
+            self._observeSceneClose()
+        return self.worker
+
+    def stopWorker(self) -> None:
+        """End the warm worker, if any (a registration it runs is cancelled); no process is
+        left.  The next Register starts a new one."""
+        if self.worker is not None:
+            worker, self.worker = self.worker, None
+            worker.stop()
+        self._observeSceneClose()
+
+    def cleanup(self) -> None:
+        """The module is going away (application exit, module reload): stop the job, end the
+        worker."""
+        self.cancel()
+        self.stopWorker()
+
+    def _observeSceneClose(self) -> None:
+        """Observe the scene's close while a job or the worker exists (and only then: a logic a
+        script made and dropped is not kept alive by the scene)."""
+        wanted = self.job is not None or self.worker is not None
+        if wanted and self._sceneObservation is None:
+            self._sceneObservation = slicer.mrmlScene.AddObserver(
+                vtkMRMLScene.StartCloseEvent, self._onSceneClose)
+        elif not wanted and self._sceneObservation is not None:
+            slicer.mrmlScene.RemoveObserver(self._sceneObservation)
+            self._sceneObservation = None
 
     @contextlib.contextmanager
     def _jobFolder(self):
@@ -550,11 +594,13 @@ class LiquidRegLogic(ScriptedLoadableModuleLogic):
                                            p.movingMask, *self._outputs(p), p.applyToMoving)
         options = self.registrationOptions(p)
         with self._jobFolder() as folder:
-            inputs = mrml.read_request(request)
+            inputs = mrml.read_request(request, vtk_order=True)
             arguments = mrml.register_arguments(
                 mrml.write_cli_inputs(inputs, folder / "inputs"), folder / "result", options,
                 panel=True)
-            self._run(arguments, _Task("register", p, folder, request, inputs.preAlignmentNode))
+            worker = self.registrationWorker()
+            self._run(worker.submit(arguments),
+                      _Task("register", p, folder, request, inputs.preAlignmentNode))
 
     def startFinetune(self, parameterNode) -> None:
         """Check the fine-tuning data and start ``liquidreg finetune`` into a new weights file."""
@@ -572,7 +618,7 @@ class LiquidRegLogic(ScriptedLoadableModuleLogic):
             arguments = mrml.finetune_arguments(sources, output, steps=p.finetuneSteps,
                                                 device=mrml.DEVICES[p.device],
                                                 weights=self._weights(p))
-            self._run(arguments, _Task("finetune", p, folder, weights=output))
+            self._runCommand(arguments, _Task("finetune", p, folder, weights=output))
 
     def elapsed(self) -> float:
         return time.monotonic() - self._started
@@ -584,6 +630,7 @@ class LiquidRegLogic(ScriptedLoadableModuleLogic):
 
     def _onSceneClose(self, caller, event) -> None:
         self.cancel()  # the job's nodes are going away
+        self.stopWorker()
 
     def finishJob(self) -> tuple:
         """Take in the ended job: ("done" | "cancelled" | "error", status-line message).  Only a
@@ -607,7 +654,9 @@ class LiquidRegLogic(ScriptedLoadableModuleLogic):
             status, message = "error", _("could not load the result: {error}").format(error=error)
         finally:
             self.job = self._task = None
-            slicer.mrmlScene.RemoveObserver(self._sceneObservation)
+            if self.worker is not None and not self.worker.alive:
+                self.stopWorker()  # killed on Cancel or crashed: the next Register starts anew
+            self._observeSceneClose()
             shutil.rmtree(task.folder, ignore_errors=True)
         return status, message
 
@@ -688,7 +737,7 @@ class LiquidRegTest(ScriptedLoadableModuleTest):
 
     def test_PanelRegistersCancelsAndRegistersAgain(self):
         """Register (Fast), Cancel, Register again (Accurate): the same output nodes are updated
-        and the moving volume keeps its own pre-alignment."""
+        and the moving volume keeps its own pre-alignment; closing the scene ends the worker."""
         from LiquidRegLib.resources import sample_paths
 
         paths = sample_paths()
@@ -718,4 +767,10 @@ class LiquidRegTest(ScriptedLoadableModuleTest):
         self.assertIs(moving.GetParentTransformNode(), transform)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
         self.assertIs(transform.GetNodeReference("LiquidReg.preAlignment"), prealign)
+
+        worker = widget.logic.worker  # kept warm for the next Register...
+        self.assertTrue(worker is not None and worker.alive)
+        slicer.mrmlScene.Clear(0)  # ...until the scene closes
+        self.assertIsNone(widget.logic.worker)
+        self.assertFalse(worker.alive)
         self.delayDisplay("Register, Cancel and Register again from the panel passed")

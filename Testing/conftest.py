@@ -138,11 +138,11 @@ def fake_engine(monkeypatch):
     calls = {}
 
     def fake_register(fixed, moving, options=None, *, fixed_mask=None, moving_mask=None,
-                      progress=None, cancel=None, inverse=True, **settings):
+                      progress=None, cancel=None, inverse=True, model=None, **settings):
         from LiquidRegLib.grid import resample
         from LiquidRegLib.progress import report
         calls["register"] = dict(fixed=fixed, moving=moving, fixed_mask=fixed_mask,
-                                 moving_mask=moving_mask, inverse=inverse,
+                                 moving_mask=moving_mask, inverse=inverse, model=model,
                                  options=RegistrationOptions.of(options, **settings))
         behaviour = calls.get("register_behaviour")
         for step in range(3):

@@ -160,6 +160,53 @@ def test_displacement_round_trip_and_itk_layout(tmp_path, grids, grid_name):
     assert np.allclose(stored, field * LPS_FLIP.diagonal()[:3], atol=1e-6)
 
 
+def test_displacement_is_read_in_itk_memory_order(tmp_path, grids):
+    """The field read back is an [i, j, k] view of [k, j, i] memory (what VTK's grid and the
+    writers take without copying), holding the same vectors."""
+    grid = grids["oblique_aniso"]
+    field = smooth_field(grid)
+    io.write_displacement(tmp_path / "warp.nii.gz", field, grid)
+    back, _ = io.read_displacement(tmp_path / "warp.nii.gz")
+    assert back.transpose(2, 1, 0, 3).flags.c_contiguous
+    assert np.allclose(back, field, atol=1e-6)
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_volume_read_in_itk_memory_order(tmp_path, grids, ext, dtype):
+    """``itk_order=True`` gives the same voxels as an [i, j, k] view of [k, j, i] memory (the
+    voxels of an ITK-read file copied out of ITK's image, which may go away)."""
+    grid = grids["LIP_aniso"]
+    image = (np.random.default_rng(2).random(grid.shape) * 100).astype(dtype)
+    io.write_volume(tmp_path / f"image{ext}", image, grid)
+    for keep in (None, np.float32):
+        plain = io.read_volume(tmp_path / f"image{ext}", dtype=keep)
+        ordered = io.read_volume(tmp_path / f"image{ext}", dtype=keep, itk_order=True)
+        assert ordered.grid == plain.grid and ordered.array.dtype == plain.array.dtype
+        assert np.array_equal(ordered.array, plain.array)
+        assert ordered.array.transpose(2, 1, 0).flags.c_contiguous
+
+
+def test_gzip_members_and_damage(tmp_path, grids):
+    """NIfTI voxels are inflated in large blocks: a file of several gzip members (concatenated
+    streams, as some tools write) reads whole, and a flipped byte in stored (level 0) data is
+    caught by gzip's CRC, not read as a wrong vector."""
+    grid = grids["LPS"]
+    field = smooth_field(grid)
+    io.write_displacement(tmp_path / "warp.nii.gz", field, grid)
+    raw = gzip.decompress((tmp_path / "warp.nii.gz").read_bytes())
+    middle = len(raw) // 2
+    (tmp_path / "members.nii.gz").write_bytes(gzip.compress(raw[:middle], 1) +
+                                               gzip.compress(raw[middle:], 6))
+    back, _ = io.read_displacement(tmp_path / "members.nii.gz")
+    assert np.allclose(back, field, atol=1e-6)
+    stored = bytearray(gzip.compress(raw, 0))
+    stored[len(stored) // 2] ^= 0xFF
+    (tmp_path / "damaged.nii.gz").write_bytes(bytes(stored))
+    with pytest.raises(InputError, match="corrupt"):
+        io.read_displacement(tmp_path / "damaged.nii.gz")
+
+
 def test_gzip_only_when_it_pays(tmp_path, grids):
     grid = grids["RAS_aniso"]
     sparse = np.zeros(grid.shape, np.float32)
@@ -173,6 +220,9 @@ def test_gzip_only_when_it_pays(tmp_path, grids):
     with gzip.open(tmp_path / "noise.nii.gz") as f:  # still a valid gzip file
         assert len(f.read()) > raw
     assert np.array_equal(io.read_volume(tmp_path / "noise.nii.gz").array, noise)
+    io.write_volume(tmp_path / "kept.nii.gz", sparse, grid, compress=False)  # read once, deleted
+    assert os.path.getsize(tmp_path / "kept.nii.gz") > raw
+    assert np.array_equal(io.read_volume(tmp_path / "kept.nii.gz").array, sparse)
 
 
 def test_read_affine_text_and_itk(tmp_path):

@@ -78,10 +78,10 @@ def test_save_result_leaves_nothing_on_failure(tmp_path, grids, monkeypatch):
     before = {name: (previous / name).read_bytes() for name in _files(previous)}
     original = io.write_volume
 
-    def failing_write(path, array, grid):
+    def failing_write(path, array, grid, **options):
         if "jacobian" in str(path):
             raise OSError("disk full")
-        original(path, array, grid)
+        original(path, array, grid, **options)
 
     monkeypatch.setattr(results, "write_volume", failing_write)
     with pytest.raises(OSError):

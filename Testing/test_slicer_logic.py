@@ -18,6 +18,7 @@ import pytest
 slicer = pytest.importorskip("slicer")  # the slicer-core wheel
 
 from helpers import slicer_app  # noqa: E402
+from helpers.processes import alive, launched_pid, wait_for  # noqa: E402
 from LiquidRegLib import jobs  # noqa: E402
 from LiquidRegLib.errors import InputError  # noqa: E402
 from LiquidRegLib.options import ACCURATE_ITERATIONS  # noqa: E402
@@ -436,18 +437,38 @@ def _pair(name="moving", grid=None):
 
 @pytest.fixture
 def panel(module, tmp_path, monkeypatch):
-    """The module's logic, its jobs started through the launcher stand-in with the instant
-    stand-in engine, which records the options each run received."""
+    """The module's logic, its worker started through the launcher stand-in with the instant
+    stand-in engine, which records the options each run received (and the worker's network
+    loads); ``panel.behave("slow")`` changes the engine's behaviour from the next run on.
+    Cleaned up at the end as the module is, which must leave no process."""
     monkeypatch.setenv("STAND_IN_ENGINE", "instant")
     monkeypatch.setenv("STAND_IN_RECORD", str(tmp_path / "runs.jsonl"))
+    monkeypatch.setenv("STAND_IN_ENGINE_FILE", str(tmp_path / "behaviour"))
     panel = module.LiquidRegLogic()
     panel.python = [sys.executable, LAUNCHER, tmp_path / "worker.pid", sys.executable, ENGINE]
-    panel.runs = lambda: [json.loads(line) for line in
-                          (tmp_path / "runs.jsonl").read_text().splitlines()]
+    records = lambda: [json.loads(line) for line in  # noqa: E731
+                       (tmp_path / "runs.jsonl").read_text().splitlines()]
+    panel.runs = lambda: [run for run in records() if "steps" in run]
+    panel.loads = lambda: [run for run in records() if "loaded" in run]
+    panel.behave = (tmp_path / "behaviour").write_text
+    launched = []  # (launcher, worker) pids of every worker started
+    start = panel.registrationWorker
+
+    def registrationWorker():
+        if panel.worker is None or not panel.worker.alive:  # a new one will write its pid
+            (tmp_path / "worker.pid").unlink(missing_ok=True)
+        worker = start()
+        if not launched or launched[-1][0] != worker.process.pid:
+            launched.append((worker.process.pid, launched_pid(tmp_path / "worker.pid")))
+        return worker
+
+    panel.registrationWorker = registrationWorker
+    panel.launched = launched
     yield panel
+    panel.cleanup()
     if panel.job is not None:
-        panel.cancel()
         panel.job.wait(timeout=60)
+    wait_for(lambda: not [pid for pids in launched for pid in pids if alive(pid)], timeout=5)
 
 
 def _finish(panel, timeout=60):
@@ -468,7 +489,7 @@ def test_panel_registers_twice_into_the_same_nodes(module, scene, panel):
     p = slicer_app.parameters(module, fixedVolume=fixed, movingVolume=moving)
 
     panel.startRegistration(p)
-    assert {"--no-png", "--no-inverse"} <= set(panel.job.command)  # files the panel never reads
+    assert {"--no-png", "--no-inverse"} <= set(panel.job.arguments)  # files the panel never reads
     assert _finish(panel)[0] == "done"
     first = (p.outputTransform, p.outputJacobian, p.outputWarped)
     assert None not in first and moving.GetParentTransformNode() is p.outputTransform
@@ -498,51 +519,128 @@ def test_panel_registers_twice_into_the_same_nodes(module, scene, panel):
                        1 + ACCURATE_ITERATIONS / 100), "the first pair's result was overwritten"
 
 
-def _worker(tmp_path) -> int:
-    pidfile = tmp_path / "worker.pid"
-    deadline = time.monotonic() + 30
-    while not (pidfile.exists() and pidfile.read_text().strip()):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    return int(pidfile.read_text())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-@pytest.mark.skipif(os.name == "nt", reason="pid checks are POSIX")
-@pytest.mark.parametrize("how", ["Cancel", "scene close"])
-def test_panel_cancel_stops_the_worker_and_changes_nothing(module, scene, panel, tmp_path,
-                                                           monkeypatch, how):
-    monkeypatch.setenv("STAND_IN_ENGINE", "slow")
-    fixed, moving = _pair()
-    p = slicer_app.parameters(module, fixedVolume=fixed, movingVolume=moving)
-    before = slicer_tests.scene_state()
-    panel.startRegistration(p)
-    folder, worker = panel._task.folder, _worker(tmp_path)
+def _started(panel):
     while not panel.job.events:
         panel.job.poll()
         time.sleep(0.02)
-    if how == "Cancel":
-        panel.cancel()
-    else:
-        scene.Clear(0)  # File > Close Scene
+
+
+@pytest.mark.skipif(os.name == "nt", reason="pid checks are POSIX")
+def test_panel_registers_in_one_warm_worker(module, scene, panel, tmp_path):
+    """The first Register starts the worker, the next ones (another pair, another mode) reuse it
+    and its network; changing the weights or the device loads the network again in it."""
+    fixed, moving = _pair()
+    p = slicer_app.parameters(module, fixedVolume=fixed, movingVolume=moving)
+    for mode in ("Fast", "Accurate"):
+        p.mode = mode
+        panel.startRegistration(p)
+        assert _finish(panel)[0] == "done"
+    _, other = _pair("another moving")
+    p.movingVolume = other
+    panel.startRegistration(p)
+    assert _finish(panel)[0] == "done"
+    assert len(panel.launched) == 1 and len(panel.loads()) == 1
+    assert {run["pid"] for run in panel.runs()} == {panel.launched[0][1]}
+    assert all(run["warm"] for run in panel.runs())
+
+    weights = tmp_path / "mine.pt"  # the stand-in engine never reads it
+    p.useShippedWeights, p.weights = False, str(weights)
+    panel.startRegistration(p)
+    assert _finish(panel)[0] == "done"
+    p.device = "CPU"
+    panel.startRegistration(p)
+    assert _finish(panel)[0] == "done"
+    assert [(load["loaded"], load["device"]) for load in panel.loads()] == [
+        (None, "auto"), (str(weights), "auto"), (str(weights), "cpu")]
+    assert len(panel.launched) == 1
+
+
+@pytest.mark.skipif(os.name == "nt", reason="pid checks are POSIX")
+def test_panel_cancel_keeps_the_worker_and_changes_nothing(module, scene, panel, tmp_path):
+    """Cancel stops the registration in the worker within 2 s and changes nothing; the worker
+    stays warm and the next Register runs in it."""
+    fixed, moving = _pair()
+    p = slicer_app.parameters(module, fixedVolume=fixed, movingVolume=moving)
+    panel.behave("slow")
+    before = slicer_tests.scene_state()
+    panel.startRegistration(p)
+    folder = panel._task.folder
+    _started(panel)
+    started = time.monotonic()
+    panel.cancel()
     job = panel.job
     status, message = _finish(panel)
+    assert time.monotonic() - started < 2.0
     assert status == "cancelled" and message.startswith("Cancelled"), message
-    assert not job.killed and job.process.returncode == 130
-    assert not _alive(worker) and not folder.exists()
-    assert p.outputTransform is None and panel.job is None
-    if how == "Cancel":
-        assert slicer_tests.scene_state() == before
+    assert not job.killed and not folder.exists() and panel.job is None
+    assert p.outputTransform is None and slicer_tests.scene_state() == before
+    panel.behave("instant")
+    panel.startRegistration(p)
+    assert _finish(panel)[0] == "done"
+    assert len(panel.launched) == 1 and alive(panel.launched[0][1])
+
+
+@pytest.mark.skipif(os.name == "nt", reason="pid checks are POSIX")
+@pytest.mark.parametrize("failure", ["stuck", "crash"])
+def test_panel_replaces_a_killed_or_crashed_worker(module, scene, panel, failure):
+    """A worker that ignores Cancel is killed with its launcher within 2 s; a worker that dies
+    gives one clear message.  Either way the next Register starts a new worker and works."""
+    fixed, moving = _pair()
+    p = slicer_app.parameters(module, fixedVolume=fixed, movingVolume=moving)
+    panel.behave(failure)
+    panel.startRegistration(p)
+    if failure == "stuck":
+        _started(panel)
+        started = time.monotonic()
+        panel.cancel()
+    status, message = _finish(panel)
+    if failure == "stuck":
+        assert time.monotonic() - started < 2.5 and status == "cancelled"
+    else:
+        assert status == "error" and "worker stopped unexpectedly" in message, message
+        assert "\n" not in message and "next Register" in message
+    assert panel.worker is None
+    wait_for(lambda: not any(alive(pid) for pid in panel.launched[0]), timeout=5)
+    assert p.outputTransform is None
+    panel.behave("instant")
+    panel.startRegistration(p)
+    assert _finish(panel)[0] == "done"
+    assert len(panel.launched) == 2 and panel.runs()[-1]["pid"] == panel.launched[1][1]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="pid checks are POSIX")
+@pytest.mark.parametrize("how", ["scene close", "module cleanup"])
+@pytest.mark.parametrize("state", ["idle", "busy"])
+def test_scene_close_and_module_cleanup_end_the_worker(module, scene, panel, how, state):
+    """Closing the scene (File > Close Scene) or the module's cleanup (application exit, module
+    reload) ends the worker, idle or registering (cancelled, nothing changed): no process is
+    left, and nothing observes the scene any more."""
+    import types
+
+    fixed, moving = _pair()
+    p = slicer_app.parameters(module, fixedVolume=fixed, movingVolume=moving)
+    panel.startRegistration(p)
+    assert _finish(panel)[0] == "done"
+    if state == "busy":
+        panel.behave("stuck")
+        panel.startRegistration(p)
+        folder = panel._task.folder
+        _started(panel)
+    pids = panel.launched[0]
+    if how == "scene close":
+        scene.Clear(0)
+    else:  # what Slicer calls on application exit and module reload, on the panel's widget
+        widget = module.LiquidRegWidget()
+        widget.logic = panel
+        widget._jobTimer = widget._probeTimer = types.SimpleNamespace(stop=lambda: None)
+        widget.cleanup()
+    assert panel.worker is None
+    wait_for(lambda: not any(alive(pid) for pid in pids), timeout=5)  # killed: gone at once
+    if state == "busy":
+        status, _ = _finish(panel, timeout=10)
+        assert status == "cancelled" and not folder.exists()
+    assert panel._sceneObservation is None
+    scene.Clear(0)  # no observer left to react
 
 
 def test_panel_weights_shipped_or_fine_tuned(module, scene, panel, tmp_path):

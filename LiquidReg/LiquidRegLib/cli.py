@@ -7,6 +7,7 @@ object per line so other programs (the Slicer module) can drive the command as a
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -132,6 +133,20 @@ def _check_output_file(out: Path, what: str) -> None:
 
 
 # ---- register --------------------------------------------------------------------------------
+def _import_in_background(module: str) -> threading.Thread:
+    """Start importing ``module`` on a thread, so that a slow import (torch: seconds) overlaps
+    other start-up work; join it, then import as usual (which raises any import error)."""
+    def load():
+        try:
+            importlib.import_module(module)
+        except BaseException:  # reported by the import that follows the join
+            pass
+
+    thread = threading.Thread(target=load, name="liquidreg-import", daemon=True)
+    thread.start()
+    return thread
+
+
 def registration_options(args) -> RegistrationOptions:
     """The register command's options as the engine takes them (the inverse of
     :func:`option_arguments`)."""
@@ -163,8 +178,10 @@ def option_arguments(options: RegistrationOptions) -> list[str]:
     return arguments
 
 
-def run_register(args, reporter: Reporter, cancel=None) -> None:
-    from . import register as registration
+def run_register(args, reporter: Reporter, cancel=None, model=None, compress=True) -> None:
+    """``model``: a loaded (network, info) pair to use (the Slicer panel's warm worker keeps
+    one); None loads ``--weights``.  ``compress=False``: deflate no file (a result read once)."""
+    engine = _import_in_background(f"{__package__}.register")  # torch, while the images load
     from .io import read_volume
     from .results import check_output_folder, check_space, save_result
     from .validate import check_overlap
@@ -183,10 +200,12 @@ def run_register(args, reporter: Reporter, cancel=None) -> None:
     if not options.affine or options.initial_affine is not None:  # fail before loading the network
         check_overlap(fixed, moving, options.initial_affine)
     check_space(out, fixed.grid, moving.grid)
+    engine.join()
+    from . import register as registration
     # register() validates images and masks itself (for every caller: CLI, Slicer, scripts).
     result = registration.register(fixed, moving, options, fixed_mask=masks.get("fixed"),
                                    moving_mask=masks.get("moving"), progress=reporter,
-                                   cancel=cancel, inverse=not args.no_inverse)
+                                   cancel=cancel, inverse=not args.no_inverse, model=model)
     check(cancel)
     result.summary["inputs"] = {role: None if path is None else str(Path(path).absolute())
                                 for role, path in (("fixed", fixed_path), ("moving", moving_path),
@@ -195,7 +214,7 @@ def run_register(args, reporter: Reporter, cancel=None) -> None:
     for warning in result.summary.get("warnings", []):
         reporter.warn(warning)
     paths = save_result(result, out, overwrite=args.overwrite, png=not args.no_png, fixed=fixed,
-                        moving=moving, progress=reporter)
+                        moving=moving, progress=reporter, compress=compress)
     if not args.no_png and "overview" not in paths:
         reporter.warn("overview.png was not drawn: Pillow is not installed in this Python; "
                       "pip install pillow (or pass --no-png)")
@@ -723,12 +742,18 @@ def main(argv=None) -> int:
     mode = args.progress
     if args.quiet and mode == "bar":
         mode = "none"
-    reporter = Reporter(mode)
+    return run_parsed(args, Reporter(mode), cancel_hook(args))
+
+
+def run_parsed(args, reporter: Reporter, cancel=None) -> int:
+    """Run a parsed command; returns its exit code.  An error is one line on stderr (and an
+    "error" event in json mode).  The warm worker (``worker.py``) runs each request through here."""
+    mode = reporter.mode
     # A terminating parent (e.g. Slicer's Cancel) gets the same clean exit as Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
     try:
         with _claimed_output(args):
-            args.run(args, reporter, cancel_hook(args))
+            args.run(args, reporter, cancel)
         return 0
     except LiquidRegError as error:
         message = _one_line(error)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from .errors import InputError
 
 
-def resolve_device(device="auto") -> torch.device:
-    """"auto" picks CUDA when available; asking for CUDA without one is a clear error."""
+def resolve_device(device="auto"):
+    """"auto" picks CUDA when available; asking for CUDA without one is a clear error.  Returns a
+    ``torch.device`` (torch is imported here, so ``liquidreg --help`` never loads it)."""
+    import torch
+
     name = str(device)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,3 +43,18 @@ def reuse_freed_memory() -> None:
     except (OSError, AttributeError):  # not glibc: keep the defaults
         pass
 
+
+def release_freed_memory() -> None:
+    """Give the memory freed so far back to the system (glibc's ``malloc_trim``).
+
+    For a long-lived process that uses :func:`reuse_freed_memory`: the warm worker calls it
+    between registrations, so it keeps the speed of reusing memory inside a registration without
+    holding a registration's peak while it waits for the next one.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -102,20 +102,23 @@ def plain_scalar_volumes(scene) -> list:
             if node.GetClassName() == "vtkMRMLScalarVolumeNode"]
 
 
-def volume_from_node(node, name: str, *, node_to_frame=None, labels: bool = False) -> Volume:
-    """Read a volume node as an engine :class:`Volume`.
+def volume_from_node(node, name: str, *, node_to_frame=None, labels: bool = False,
+                     vtk_order: bool = False) -> Volume:
+    """Read a volume node as an engine :class:`Volume` (a copy of its voxels).
 
     Its grid is placed in world coordinates unless ``node_to_frame`` (the 4x4 matrix from the
     node's parent space to the wanted frame) says otherwise.  ``arrayFromVolume`` is indexed
     [k, j, i]; the engine's arrays are [i, j, k].  Images become float32; ``labels=True`` keeps
-    the stored integer type (masks, label maps).
+    the stored integer type (masks, label maps).  ``vtk_order``: the copy keeps VTK's memory
+    order (an [i, j, k] view of [k, j, i] memory), which files take without transposing.
     """
     _check_volume_node(node, name)
     to_frame = node_to_world(node, name) if node_to_frame is None else np.asarray(node_to_frame)
     affine = to_frame @ _matrix(node.GetIJKToRASMatrix)
     kji = slicer.util.arrayFromVolume(node)
     dtype = kji.dtype if labels and np.issubdtype(kji.dtype, np.integer) else np.float32
-    array = np.ascontiguousarray(kji.transpose(2, 1, 0), dtype=dtype)
+    array = (np.array(kji, dtype=dtype).transpose(2, 1, 0) if vtk_order
+             else np.ascontiguousarray(kji.transpose(2, 1, 0), dtype=dtype))
     try:
         grid = Grid(array.shape, affine)
     except GeometryError as error:
@@ -329,10 +332,12 @@ def _pre_alignment(node, request: RegistrationRequest):
     return parent
 
 
-def read_request(request: RegistrationRequest) -> RegistrationInputs:
+def read_request(request: RegistrationRequest, *, vtk_order: bool = False) -> RegistrationInputs:
     """Validate a selection and read it; raises InputError before anything is changed.
 
     Images are checked here (numpy only); masks are checked by the engine, which resamples them.
+    ``vtk_order``: the voxels in VTK's memory order (see :func:`volume_from_node`), for
+    :func:`write_cli_inputs`.
     """
     fixed_node, moving_node = request.fixedVolumeNode, request.movingVolumeNode
     _check_volume_node(fixed_node, "fixed")
@@ -343,18 +348,20 @@ def read_request(request: RegistrationRequest) -> RegistrationInputs:
     _check_outputs(request)
     pre_alignment = _pre_alignment(moving_node, request)
     world_to_moving = np.linalg.inv(node_to_world(moving_node, "moving", pre_alignment))
-    fixed = volume_from_node(fixed_node, "fixed")
-    moving = volume_from_node(moving_node, "moving", node_to_frame=np.eye(4))
+    fixed = volume_from_node(fixed_node, "fixed", vtk_order=vtk_order)
+    moving = volume_from_node(moving_node, "moving", node_to_frame=np.eye(4), vtk_order=vtk_order)
     validate.check_image(fixed, fixed.name)
     validate.check_image(moving, moving.name)
     fixed_mask = moving_mask = None
     if request.fixedMaskNode is not None:
-        fixed_mask = volume_from_node(request.fixedMaskNode, "fixed mask", labels=True)
+        fixed_mask = volume_from_node(request.fixedMaskNode, "fixed mask", labels=True,
+                                      vtk_order=vtk_order)
     if request.movingMaskNode is not None:
         mask_node = request.movingMaskNode
         mask_to_world = node_to_world(mask_node, "moving mask", _pre_alignment(mask_node, request))
         moving_mask = volume_from_node(mask_node, "moving mask", labels=True,
-                                       node_to_frame=world_to_moving @ mask_to_world)
+                                       node_to_frame=world_to_moving @ mask_to_world,
+                                       vtk_order=vtk_order)
     initial = None if np.allclose(world_to_moving, np.eye(4)) else world_to_moving
     return RegistrationInputs(fixed, moving, fixed_mask, moving_mask, initial, pre_alignment)
 
@@ -425,8 +432,10 @@ def load_cli_result(request: RegistrationRequest, out_dir, preAlignmentNode=None
     """Bring the files written by ``liquidreg register -o out_dir`` into the scene."""
     out_dir = Path(out_dir)
     displacement, grid = read_displacement(out_dir / RESULT_FILES["warp"], name="result warp")
-    jacobian = read_volume(out_dir / RESULT_FILES["jacobian"], name="result Jacobian")
-    warped = read_volume(out_dir / RESULT_FILES["warped"], name="result warped image")
+    jacobian = read_volume(out_dir / RESULT_FILES["jacobian"], name="result Jacobian",
+                           itk_order=True)  # VTK's order: the nodes take them without a copy
+    warped = read_volume(out_dir / RESULT_FILES["warped"], name="result warped image",
+                         itk_order=True)
     summary = json.loads((out_dir / RESULT_FILES["summary"]).read_text())
     return apply_result(request, displacement, grid, jacobian.array, warped.array, summary,
                         preAlignmentNode)
@@ -434,15 +443,19 @@ def load_cli_result(request: RegistrationRequest, out_dir, preAlignmentNode=None
 
 # ---- files and command lines for background jobs ----------------------------------------------
 def write_cli_inputs(inputs: RegistrationInputs, folder) -> list[str]:
-    """Write a read request as files for ``liquidreg register``; returns the input arguments."""
+    """Write a read request (best read with ``vtk_order=True``) as files for ``liquidreg
+    register``; returns the input arguments.
+
+    Uncompressed NIfTI: the files live for one job, so compressing them (and inflating them in
+    the worker) would only cost time; NIfTI is streamed without ITK's copies."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     arguments = []
-    for volume, file_name in ((inputs.fixed, "fixed.nrrd"), (inputs.moving, "moving.nrrd")):
+    for volume, file_name in ((inputs.fixed, "fixed.nii"), (inputs.moving, "moving.nii")):
         write_volume(folder / file_name, volume.array, volume.grid)
         arguments.append(str(folder / file_name))
-    for volume, file_name, flag in ((inputs.fixedMask, "fixed_mask.nrrd", "--fixed-mask"),
-                                    (inputs.movingMask, "moving_mask.nrrd", "--moving-mask")):
+    for volume, file_name, flag in ((inputs.fixedMask, "fixed_mask.nii", "--fixed-mask"),
+                                    (inputs.movingMask, "moving_mask.nii", "--moving-mask")):
         if volume is not None:
             write_volume(folder / file_name, volume.array, volume.grid)
             arguments += [flag, str(folder / file_name)]

@@ -241,14 +241,15 @@ def _render_overview(path, result, fixed, moving) -> None:
 
 def save_result(result, out_dir, *, overwrite: bool = False, png: bool = True,
                 fixed: Volume | None = None, moving: Volume | None = None,
-                progress=None) -> dict:
+                progress=None, compress: bool = True) -> dict:
     """Write a registration result as the folder ``out_dir``; returns {kind: path}.
 
     The files are written (in parallel threads: zlib and file I/O release the GIL) into a hidden
     folder beside ``out_dir``, which then takes ``out_dir``'s place whole
     (:func:`check_output_folder` says when a previous result may be replaced).  A failure or
     Ctrl-C leaves ``out_dir`` as it was.  ``fixed``/``moving`` feed the overview figure (skipped
-    when Pillow is not installed).
+    when Pillow is not installed).  ``compress=False`` deflates nothing (a result read once and
+    deleted: the Slicer panel's).
     """
     with claim(out_dir):
         return _save(result, check_output_folder(out_dir, overwrite=overwrite), png, fixed,
@@ -269,12 +270,17 @@ def _save(result, out_dir: Path, png: bool, fixed, moving, progress) -> dict:
         jobs["inverse_warp"] = lambda: write_displacement(
             staged["inverse_warp"], result.inverse_displacement, result.moving_grid)
     jobs.update({
-        "warped": lambda: write_volume(staged["warped"], result.warped, result.fixed_grid),
-        "jacobian": lambda: write_volume(staged["jacobian"], result.jacobian, result.fixed_grid),
+        "warped": lambda: write_volume(staged["warped"], result.warped, result.fixed_grid,
+                                       compress=None if compress else False),
+        "jacobian": lambda: write_volume(staged["jacobian"], result.jacobian, result.fixed_grid,
+                                         compress=None if compress else False),
         "summary": lambda: write_json(staged["summary"], _summary(result)),
     })
     start = time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="liquidreg-write")
+    # As many writers as files or cores (zlib, numpy and file I/O release the GIL); measured by
+    # scripts/benchmark_worker.py (writing).
+    pool = ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1),
+                              thread_name_prefix="liquidreg-write")
     try:
         report(progress, "write", 0, len(jobs), "writing results")
         futures = [pool.submit(job) for job in jobs.values()]

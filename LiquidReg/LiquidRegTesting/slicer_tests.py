@@ -134,6 +134,11 @@ def test_volume_from_node_oblique_lps(workdir):
     assert np.allclose(volume.grid.affine, ijk_to_ras(node), atol=1e-9)
     labels = logic.volume_from_node(node, "mask", labels=True)
     assert labels.array.dtype == np.int32 and np.array_equal(labels.array, array)
+    for kind in (False, True):  # the panel's copy in VTK's memory order: the same voxels
+        ordered = logic.volume_from_node(node, "mask", labels=kind, vtk_order=True)
+        assert ordered.array.transpose(2, 1, 0).flags.c_contiguous
+        assert np.array_equal(ordered.array, array) and ordered.grid == volume.grid
+        assert not np.shares_memory(ordered.array, slicer.util.arrayFromVolume(node))
 
     # MRML writes the node, ITK (through the engine's reader) reads the file: same placement.
     from_file = read_volume(logic.write_node(node, workdir / "oblique.nrrd"), dtype=None)
@@ -582,19 +587,25 @@ def test_slicer_paths_match_command_line(workdir, weights=None):
     error = np.abs(itk_transform_points(path, points) - ours).max()
     assert error < 1e-3, f"SimpleITK reads the saved transform {error} mm away"
 
-    # The panel's path: nodes -> files -> background `liquidreg` -> nodes, into the user's
-    # own output nodes, which are updated in place.
+    # The panel's path: nodes -> files -> the warm worker (background `liquidreg register`)
+    # -> nodes, into the user's own output nodes, which are updated in place.
     scene = slicer.mrmlScene
     mine = logic.RegistrationRequest(
         nodes["fixed"], nodes["moving"],
         transformNode=scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "my transform"),
         warpedVolumeNode=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my warped"))
     nodes["moving"].SetAndObserveTransformNodeID(manual.GetID())
-    inputs = logic.read_request(mine)
+    inputs = logic.read_request(mine, vtk_order=True)
     arguments = logic.register_arguments(
         logic.write_cli_inputs(inputs, workdir / "panel"), workdir / "panel" / "result",
         RegistrationOptions(device="cpu", affine=False, weights=weights), panel=True)
-    _run_cli(workdir, arguments)
+    worker = jobs.Worker(jobs.worker_command())
+    try:
+        request = worker.submit(arguments)
+        request.wait(timeout=600)
+        assert request.outcome()[0] == "done", request.outcome()
+    finally:
+        worker.stop()
     panel = logic.load_cli_result(mine, workdir / "panel" / "result")
     assert panel.transformNode is mine.transformNode
     assert panel.warpedVolumeNode is mine.warpedVolumeNode
