@@ -108,13 +108,22 @@ def _result(pair: Pair, folder: Path, status: str, summary: dict | None = None, 
         warning=" ".join(summary.get("warnings", [])), **extra)
 
 
-def cancelled(pairs: Iterable[Pair], results: Iterable[PairResult], out) -> list[PairResult]:
-    """Rows for the pairs of ``pairs`` that have no result: the batch stopped before they
-    finished (the ones running were stopped with nothing written)."""
-    done = {r.name for r in results}
-    return [_result(pair, Path(out) / pair.name, "cancelled", error=(
-        "the batch was cancelled before this pair finished; rerun the same command to register "
-        "it")) for pair in pairs if pair.name not in done]
+def cancelled(pairs: Iterable[Pair], results: Iterable[PairResult], out,
+              options: RegistrationOptions) -> list[PairResult]:
+    """Rows for the pairs of ``pairs`` that have no result when the batch stops.  A pair whose
+    folder already holds its result finished as the batch stopped, before word of it came back:
+    it is "ok".  The others were stopped with nothing written: "cancelled"."""
+    done, settings = {r.name for r in results}, Settings(options)
+    rows = []
+    for pair in pairs:
+        if pair.name in done:
+            continue
+        finished = _earlier(pair, Path(out), settings, overwrite=False)
+        rows.append(replace(finished, status="ok") if finished and finished.status == "resumed"
+                    else _result(pair, Path(out) / pair.name, "cancelled", error=(
+                        "the batch was cancelled before this pair finished; rerun the same "
+                        "command to register it")))
+    return rows
 
 
 # ---- the pairs file --------------------------------------------------------------------------

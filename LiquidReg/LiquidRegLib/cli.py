@@ -260,7 +260,7 @@ def run_batch(args, reporter: Reporter, cancel=None) -> None:
                                        {"failed": sum(not r.ok for r in results)}))
     except (KeyboardInterrupt, Cancelled):
         if results:  # every pair gets its row: those not finished are "cancelled"
-            batch.write_table(sorted(results + batch.cancelled(pairs, results, out),
+            batch.write_table(sorted(results + batch.cancelled(pairs, results, out, options),
                                      key=lambda r: order[r.name]), out)
         elif made:
             with suppress(OSError):

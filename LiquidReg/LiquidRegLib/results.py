@@ -253,10 +253,10 @@ def save_result(result, out_dir, *, overwrite: bool = False, png: bool = True,
     """
     with claim(out_dir):
         return _save(result, check_output_folder(out_dir, overwrite=overwrite), png, fixed,
-                     moving, progress)
+                     moving, progress, compress)
 
 
-def _save(result, out_dir: Path, png: bool, fixed, moving, progress) -> dict:
+def _save(result, out_dir: Path, png: bool, fixed, moving, progress, compress: bool) -> dict:
     check_space(out_dir, result.fixed_grid, result.moving_grid)
     target = out_dir.absolute()
     staging = staging_folder(target)
