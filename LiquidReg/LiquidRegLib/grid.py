@@ -349,9 +349,7 @@ def resample(array, source: Grid, target: Grid, *, world_map: np.ndarray | None 
         raise ValueError(f"interpolation must be 'linear' or 'nearest', not {order!r}")
     import torch
 
-    array = np.asarray(array)
-    if not array.flags.c_contiguous and array.T.flags.c_contiguous:
-        array, source = array.T, source.transposed()  # an [i, j, k] view of [k, j, i] memory
+    array, source = c_ordered(array, source)
     src = torch.as_tensor(np.ascontiguousarray(array), device=device)
     integer = not torch.is_floating_point(src)
     # float32 holds every integer label below 2^24 exactly; beyond that, sample in float64
@@ -363,6 +361,16 @@ def resample(array, source: Grid, target: Grid, *, world_map: np.ndarray | None 
     return out.cpu().numpy().astype(np.asarray(array).dtype, copy=False)
 
 
+def c_ordered(array, grid: Grid):
+    """``(array, grid)`` with the array's memory in C order, without copying: an [i, j, k] view
+    of [k, j, i] memory (how ITK and VTK store volumes) becomes that memory on the transposed grid.
+    """
+    array = np.asarray(array)
+    if not array.flags.c_contiguous and array.T.flags.c_contiguous:
+        return array.T, grid.transposed()
+    return array, grid
+
+
 def resampled(volume: torch.Tensor, source: Grid, target: Grid, *,
               world_map: np.ndarray | None = None, displacement: torch.Tensor | None = None,
               order: str = "linear") -> torch.Tensor:
@@ -370,6 +378,8 @@ def resampled(volume: torch.Tensor, source: Grid, target: Grid, *,
     there, so images that are worked on in the GPU make no round trip through the host."""
     import torch
 
+    if not volume.is_contiguous() and volume.permute(2, 1, 0).is_contiguous():
+        volume, source = volume.permute(2, 1, 0), source.transposed()  # [k, j, i] memory
     device = volume.device
     to_source = source.inverse @ (np.eye(4) if world_map is None
                                   else np.asarray(world_map, dtype=np.float64))
