@@ -160,33 +160,39 @@ class _CostVolume(torch.autograd.Function):
         # (N, C, a, b, c, I, J, K): moving vector at offset (a - r, b - r, c - r), a view
         window = (padded.unfold(2, side, 1).unfold(3, side, 1).unfold(4, side, 1)
                   .permute(0, 1, 5, 6, 7, 2, 3, 4))
+        fixed = fixed_unit.reshape(n, channels, 1, 1, 1, *size)
         cost = fixed_unit.new_zeros((n, side, side, side, *size), dtype=_accumulator(fixed_unit))
-        for c in range(channels):
-            cost.addcmul_(window[:, c], fixed_unit[:, c, None, None, None])
+        for moving_c, fixed_c in zip(window.unbind(1), fixed.unbind(1)):
+            cost.addcmul_(moving_c, fixed_c)
         return cost.view(n, side ** 3, *size).to(fixed_unit.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         fixed_unit, padded = ctx.saved_tensors
-        radius, size = ctx.radius, fixed_unit.shape[2:]
-        side = 2 * radius + 1
-        grad = grad.to(_accumulator(grad))
+        radius, size = ctx.radius, tuple(fixed_unit.shape)
+        grad = grad.to(_accumulator(grad)).contiguous()
         grad_fixed = (torch.zeros_like(fixed_unit, dtype=grad.dtype)
                       if ctx.needs_input_grad[0] else None)
-        grad_padded = (torch.zeros_like(padded, dtype=grad.dtype)
+        grad_padded = (torch.zeros(padded.shape, dtype=grad.dtype, device=grad.device)
                        if ctx.needs_input_grad[1] else None)
-        for d, (a, b, c) in enumerate(itertools.product(range(side), repeat=3)):
-            at = (slice(None), slice(None), slice(a, a + size[0]), slice(b, b + size[1]),
-                  slice(c, c + size[2]))
-            weight = grad[:, d:d + 1]
+        # The vectors at one offset are a strided view of a padded volume: one view and one
+        # in-place multiply-add per offset and gradient (no chains of slices).
+        def at(volume, a, b, c):
+            st = volume.stride()
+            return volume.as_strided(size, st, volume.storage_offset() + a * st[2] + b * st[3]
+                                     + c * st[4])
+        one_offset = (size[0], 1, *size[2:])
+        for d, (a, b, c) in enumerate(itertools.product(range(2 * radius + 1), repeat=3)):
+            weight = grad.as_strided(one_offset, grad.stride(),
+                                     grad.storage_offset() + d * grad.stride(1))
             if grad_fixed is not None:
-                grad_fixed.addcmul_(padded[at], weight)
+                grad_fixed.addcmul_(at(padded, a, b, c), weight)
             if grad_padded is not None:
-                grad_padded[at].addcmul_(fixed_unit, weight)
+                at(grad_padded, a, b, c).addcmul_(fixed_unit, weight)
         if grad_fixed is not None:
             grad_fixed = grad_fixed.to(fixed_unit.dtype)
         if grad_padded is not None:
-            inside = (slice(None), slice(None)) + tuple(slice(radius, radius + n) for n in size)
+            inside = (slice(None), slice(None)) + tuple(slice(radius, radius + n) for n in size[2:])
             grad_padded = grad_padded[inside].to(padded.dtype)
         return grad_fixed, grad_padded, None
 
@@ -366,7 +372,10 @@ class LiquidReg(nn.Module):
         cell, head, radius = self.cells[level], self.heads[level], cfg.radius[level]
         fixed_unit = unit_vectors(fixed)  # once per level, not per step
         moving = moving.float()
-        h = None
+        # The zero state.  At inference its recurrent terms are only biases (skipped); in
+        # training the recurrent weights stay in the graph (DDP needs every weight to take part).
+        h = (fixed.new_zeros(fixed.shape[0], cfg.hidden[level], *fixed.shape[2:])
+             if torch.is_grad_enabled() else None)
         for _ in range(steps):
             with torch.autocast(v.device.type, enabled=False):  # geometry stays in fp32
                 warped = sample_at(moving, diffeo.exp_grid(v, cfg.squarings),

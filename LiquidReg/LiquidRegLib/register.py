@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, diffeo, losses, memory, metrics, train, validate
-from .devices import resolve_device
+from .devices import ieee_float32, resolve_device
 from .options import RegistrationOptions
 from .grid import (Grid, c_ordered, mapped_voxels, normalized_coordinates, sample_at,
                    sampling_grid, to_device)
@@ -84,7 +84,8 @@ def register(fixed, moving, options: RegistrationOptions | None = None, *, fixed
     timings["load"] = round(time.perf_counter() - started, 3)
     inputs = _Inputs(fixed, moving, fixed_mask, moving_mask)
     try:
-        outcome = _register_on(dev, model, inputs, options, timings, progress, cancel, inverse)
+        with ieee_float32():
+            outcome = _register_on(dev, model, inputs, options, timings, progress, cancel, inverse)
     except torch.cuda.OutOfMemoryError:
         if dev.type != "cuda":
             raise
