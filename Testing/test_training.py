@@ -139,6 +139,18 @@ def test_a_divergence_read_back_late_keeps_exactly_the_last_good_weights():
         assert torch.equal(v, model.state_dict()[k]), k
 
 
+def test_weights_that_turn_non_finite_are_never_kept():
+    """Finite, clipped gradients cannot make a weight non-finite with a sane learning rate; an
+    infinite one can, and the read-back finds it and restores the weights it last checked."""
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrainingDiverged, match="non-finite by step 2"):
+        train.run(model, synthetic_batch, train.TrainConfig(steps=4, lr=float("inf"), log_every=2,
+                                                            checkpoint_every=0))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_the_loop_reads_the_device_once_per_logging_interval(monkeypatch):
     """No value goes from the device to the host inside a step (a GPU would wait each time):
     losses, gradient norms and skips are read back together, once per ``log_every`` steps,

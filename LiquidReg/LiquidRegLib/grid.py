@@ -310,7 +310,8 @@ def sample_at(volume: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     import torch
     import torch.nn.functional as F
 
-    grid = grid.to(volume.dtype)
+    if grid.dtype != volume.dtype:
+        grid = grid.to(volume.dtype)
     slabs = min(torch.get_num_threads(), grid.shape[1])
     if (volume.device.type != "cpu" or volume.shape[0] != 1 or grid.dim() != 5 or slabs < 2
             or grid[..., 0].numel() < _PARALLEL_POINTS):

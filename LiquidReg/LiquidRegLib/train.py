@@ -293,7 +293,8 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
         nonlocal consecutive
         if not pending:
             return
-        weights_norm = nn.utils.get_total_norm([p.detach() for p in params])
+        with torch.no_grad():
+            weights_norm = nn.utils.get_total_norm(params)
         values = torch.stack([value.float() for _, loss, norm, skipped, terms in pending
                               for value in (loss, norm, skipped, *terms.values())]
                              + [weights_norm]).tolist()
@@ -303,11 +304,13 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
             rows.append((step, values[start:start + 3], dict(zip(terms, values[start + 3:]))))
             start += 3 + len(terms)
         pending.clear()
-        if not finite_weights:  # cannot happen with clipped finite gradients; never keep it
-            torch._foreach_copy_(params, checked)
-            raise TrainingDiverged(f"the weights became non-finite by step {rows[-1][0]}; those "
-                                   "of the previous read-back are kept. Lower the learning rate")
-        torch._foreach_copy_(checked, [p.detach() for p in params])
+        with torch.no_grad():
+            if not finite_weights:  # cannot happen with clipped finite gradients; never keep it
+                torch._foreach_copy_(params, checked)
+                raise TrainingDiverged(f"the weights became non-finite by step {rows[-1][0]}; "
+                                       "those of the previous read-back are kept. Lower the "
+                                       "learning rate")
+            torch._foreach_copy_(checked, params)
         for step, (loss, grad_norm, skipped), terms in rows:
             if skipped:
                 consecutive += 1
