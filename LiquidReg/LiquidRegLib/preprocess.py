@@ -87,8 +87,9 @@ def to_working(fixed, moving, world_map: np.ndarray, grid: Grid, *, fixed_mask=N
                moving_mask=None, device="cpu", unaligned: bool = False) -> WorkingPair:
     """Resample both volumes onto ``grid`` (moving through ``world_map``: fixed RAS -> moving RAS).
     ``unaligned``: also the moving image without ``world_map``, from the same normalisation."""
+    fixed_image = working_image(fixed, grid, None, fixed_mask, device)  # one full image at a time
     normalised = normalised_image(moving, moving_mask, device)
-    return WorkingPair(grid, working_image(fixed, grid, None, fixed_mask, device),
+    return WorkingPair(grid, fixed_image,
                        resampled(normalised, moving.grid, grid, world_map=world_map)[None, None],
                        working_mask(fixed_mask, grid, None, device),
                        working_mask(moving_mask, grid, world_map, device),
