@@ -53,6 +53,46 @@ def test_cost_volume_matches_a_direct_computation():
             assert abs(float(cost[0, d, i, j, k]) - expected) < 1e-5
 
 
+def direct_cost_volume(fixed_unit, moving, radius):
+    """The cost volume as the v1/v2 networks first computed it: one shifted slice per offset."""
+    m = torch.nn.functional.pad(M.unit_vectors(moving), [radius] * 6)
+    size, span = fixed_unit.shape[2:], range(2 * radius + 1)
+    return torch.cat([(fixed_unit * m[:, :, a:a + size[0], b:b + size[1], c:c + size[2]]).sum(1, keepdim=True)
+                      for a in span for b in span for c in span], dim=1)
+
+
+@pytest.mark.parametrize("radius", [1, 2])
+def test_batched_cost_volume_equals_the_sliced_one_with_gradients(radius):
+    """Values and both gradients of the batched cost volume against the per-offset slices that
+    the shipped weights were trained with (float64: agreement to rounding), and a numerical
+    gradient check of its hand-written backward."""
+    torch.manual_seed(radius)
+    f = M.unit_vectors(torch.randn(2, 5, 6, 7, 5, dtype=torch.float64)).requires_grad_(True)
+    m = torch.randn(2, 5, 6, 7, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, (2 * radius + 1) ** 3, 6, 7, 5, dtype=torch.float64)
+    ours, direct = M.cost_volume(f, m, radius), direct_cost_volume(f, m, radius)
+    assert ours.shape == direct.shape
+    assert torch.allclose(ours, direct, atol=1e-12)
+    grads = torch.autograd.grad((ours * weights).sum(), [f, m])
+    expected = torch.autograd.grad((direct * weights).sum(), [f, m])
+    for a, b in zip(grads, expected):
+        assert torch.allclose(a, b, atol=1e-12)
+    small = (f.detach()[:1, :2, :3, :4, :3].requires_grad_(True),
+             m.detach()[:1, :2, :3, :4, :3].requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda a, b: M.cost_volume(a, b, radius), small)
+
+
+def test_cost_volume_keeps_the_precision_of_mixed_precision_training():
+    """Under autocast the features are fp16/bf16; the channel sums are still made in float32."""
+    torch.manual_seed(0)
+    f, m = M.unit_vectors(torch.randn(1, 48, 6, 6, 6)), torch.randn(1, 48, 6, 6, 6)
+    exact = direct_cost_volume(f.double(), m.double(), 2)
+    half = M.cost_volume(f.bfloat16(), m.bfloat16(), 2)
+    assert half.dtype == torch.bfloat16
+    # one bf16 rounding of inputs and result (~0.003), not one per channel (~0.009)
+    assert (half.double() - exact).abs().max() < 0.005
+
+
 def test_expected_offset_points_to_where_the_moving_image_matches():
     """Moving = fixed shifted by +1 voxel along j: the best match of fixed voxel x is moving
     voxel x + (0, 1, 0), and the soft-argmax says so."""
@@ -105,3 +145,38 @@ def test_liquid_cell_state_stays_bounded_for_any_step():
         for _ in range(20):
             h = cell(u, h, zero, dt)
         assert torch.isfinite(h).all() and h.abs().max() < 1e3
+
+
+def test_inference_gives_the_same_field_in_one_batch_or_direction_by_direction(monkeypatch):
+    """Inference refines both directions of the symmetric network as one batch when the level
+    fits the memory budget, else one direction after the other: the same field either way."""
+    torch.manual_seed(0)
+    net = M.LiquidReg().eval()
+    for head in net.heads:
+        torch.nn.init.normal_(head.weight, std=0.01)
+    torch.nn.init.normal_(net.hyper.mlp[-1].weight, std=0.01)
+    fixed, moving = torch.rand(1, 1, 32, 40, 32), torch.rand(1, 1, 32, 40, 32)
+    calls = []
+    refine_level = net._refine_level
+
+    def counting(level, fixed_side, *rest):
+        calls.append((level, fixed_side.shape[0]))
+        return refine_level(level, fixed_side, *rest)
+
+    monkeypatch.setattr(net, "_refine_level", counting)
+    with torch.no_grad():
+        batched = net(fixed, moving)
+        assert calls == [(level, 2) for level in (3, 2, 1, 0)]
+        calls.clear()
+        monkeypatch.setattr(M, "CPU_BATCH_BYTES", 1)  # nothing fits: one row at a time
+        sequential = net(fixed, moving)
+        assert calls == [(level, 1) for level in (3, 2, 1, 0) for _ in range(2)]
+        with torch.enable_grad():  # training always batches
+            calls.clear()
+            trained = net(fixed, moving)
+            assert calls == [(level, 2) for level in (3, 2, 1, 0)]
+    assert torch.count_nonzero(batched) > 0
+    assert torch.allclose(batched, sequential, atol=1e-5)
+    assert torch.allclose(batched, trained, atol=1e-5)
+    with torch.no_grad():  # still exactly antisymmetric: swapping the images negates the field
+        assert torch.allclose(net(moving, fixed), -sequential, atol=1e-5)

@@ -113,6 +113,66 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run():
     assert params_finite(model)
 
 
+def test_a_divergence_read_back_late_keeps_exactly_the_last_good_weights():
+    """Steps are skipped on the device and read back every ``log_every`` steps.  Three bad
+    batches in a row (steps 3-5) stop the run at step 5 even though that is only seen at the
+    read-back of step 8; the good batches after them were not applied, so the weights are
+    exactly those after step 2, without any copy of the weights per step."""
+    def batches(step):  # batches 2, 3, 4 (steps 3, 4, 5) are poisoned, the rest are good
+        if step not in (2, 3, 4):
+            return synthetic_batch(step)
+        b = synthetic_batch(step)
+        b["fixed"] = b["fixed"].clone()
+        b["fixed"][0, 0, 3, 3, 3] = float("nan")
+        return b
+
+    model = small_model()
+    events = []
+    with pytest.raises(TrainingDiverged, match=r"3 consecutive .*\(step 5\)"):
+        train.run(model, batches, train.TrainConfig(steps=12, log_every=4, max_consecutive_skips=3,
+                                                    checkpoint_every=0), progress=events.append)
+    assert [e.step for e in events] == [1, 2, 3, 4]  # every step before the one that stopped it
+    assert [e.metrics["skipped"] for e in events] == [0, 0, 1, 2]
+    reference = small_model()
+    train.run(reference, synthetic_batch, train.TrainConfig(steps=2, checkpoint_every=0))
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
+def test_weights_that_turn_non_finite_are_never_kept():
+    """Finite, clipped gradients cannot make a weight non-finite with a sane learning rate; an
+    infinite one can, and the read-back finds it and restores the weights it last checked."""
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrainingDiverged, match="non-finite by step 2"):
+        train.run(model, synthetic_batch, train.TrainConfig(steps=4, lr=float("inf"), log_every=2,
+                                                            checkpoint_every=0))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_the_loop_reads_the_device_once_per_logging_interval(monkeypatch):
+    """No value goes from the device to the host inside a step (a GPU would wait each time):
+    losses, gradient norms and skips are read back together, once per ``log_every`` steps,
+    and still reported one event per step."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    events = []
+    state = train.run(small_model(), synthetic_batch, train.TrainConfig(
+        steps=6, log_every=3, checkpoint_every=0), progress=events.append)
+    monkeypatch.undo()
+    assert reads == ["tolist", "tolist"]
+    assert [e.step for e in events] == list(range(1, 7))
+    assert all(e.metrics["loss"] > 0 and e.metrics["grad_norm"] > 0 for e in events)
+    assert state.skipped == 0 and [step for step, *_ in state.history] == list(range(1, 7))
+
+
 def test_resume_continues_with_identical_results(tmp_path):
     config = train.TrainConfig(steps=6, checkpoint_every=3)
     straight = small_model()

@@ -19,8 +19,17 @@ resident memory from the kernel), with the same thread count.
 (e) Memory of a large pair: the sample pair on 400^3 voxels of 0.5 mm (two 256 MB volumes),
     network only, end to end: peak resident memory against the 4 GB bound, and the estimate
     ``liquidreg`` makes before starting (``memory.estimate``).
+(f) What one Fast registration of the 1 mm brain (a) dispatches, by stage (affine, network,
+    outputs, reports; ``liquidreg_tools.dispatch``): aten operators under ``torch.profiler``,
+    and on ``--device cuda`` CUDA kernels, copies, host waits and GPU-busy time.  In process,
+    after one unprofiled warm-up registration (first-use costs paid); once with the affine
+    stage, once without it (the same pair, its affine given).  Stage times come from a second,
+    unprofiled registration.  Then the same for training steps (``train.run``, the v2 recipe's
+    loss, 96x112x96 working grid, batch 1 on the CPU and 4 on a GPU, fixed synthetic batch):
+    aten operators (and kernels) per step, and seconds per step without the profiler.
 
-``--sections`` runs some of them only (default: all).
+``--sections`` runs some of them only (default: all).  ``--device`` runs (a), (b), (d), (e) and
+(f) on another device than the CPU (e.g. ``cuda``).
 
 Writes ``speed.json`` and ``speed.md`` in ``--out``.
 """
@@ -82,7 +91,7 @@ def register_cli(fixed: Path, moving: Path, out: Path, args, iterations: int = 0
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "LiquidRegLib.cli", "register", str(fixed), str(moving),
-               "-o", str(out), "--device", "cpu", "--iterations", str(iterations),
+               "-o", str(out), "--device", args.device, "--iterations", str(iterations),
                "--progress", "none", "--quiet"]
     if args.weights:
         command += ["--weights", str(args.weights)]
@@ -111,30 +120,41 @@ def estimate_mb(fixed: Path, moving: Path) -> float:
     return memory.estimate(*grids, work, steps=0) / 2 ** 20
 
 
+def synthetic_batch(shape, batch: int = 1, device="cpu") -> dict:
+    """A fixed training batch on a working grid of ``shape``: smooth random regions (12
+    structures plus background, quantised smooth noise) rendered as random-contrast images,
+    marked same-contrast so that every term of the loss runs."""
+    import torch
+
+    from liquidreg_tools.data.synth import gaussian_blur, synthesize
+
+    generator = torch.Generator().manual_seed(0)
+    full = (batch, 1, *shape)
+
+    def random_labels(classes: int = 13) -> torch.Tensor:
+        noise = gaussian_blur(torch.randn(full, generator=generator), min(shape) / 16)
+        edges = torch.quantile(noise.flatten()[::97], torch.linspace(0, 1, classes + 1)[1:-1])
+        return torch.bucketize(noise, edges)
+
+    fixed_labels, moving_labels = random_labels(), random_labels()
+    items = {"fixed": synthesize(fixed_labels, generator),
+             "moving": synthesize(moving_labels, generator),
+             "fixed_labels": fixed_labels, "moving_labels": moving_labels,
+             "fixed_mask": (fixed_labels > 0).float()}
+    return {**{k: v.to(device) for k, v in items.items()}, "num_labels": 13,
+            "same_contrast": torch.ones(batch, dtype=torch.bool, device=device)}
+
+
 def train_child(size: int, steps: int, threads: int) -> dict:
     """Seconds per ``train.run`` step on an N^3 working grid (run inside the measured child)."""
     import torch
 
     torch.set_num_threads(threads)
     from LiquidRegLib import train
-    from liquidreg_tools.data.synth import gaussian_blur, synthesize
     from LiquidRegLib.model import LiquidReg, ModelConfig
 
     baseline = memory_mb("VmRSS")
-    generator = torch.Generator().manual_seed(0)
-    shape = (1, 1, size, size, size)
-
-    def random_labels(classes: int = 13) -> torch.Tensor:
-        """Smooth random regions: 12 structures plus background, quantised smooth noise."""
-        noise = gaussian_blur(torch.randn(shape, generator=generator), size / 16)
-        edges = torch.quantile(noise.flatten()[::97], torch.linspace(0, 1, classes + 1)[1:-1])
-        return torch.bucketize(noise, edges)
-
-    fixed_labels, moving_labels = random_labels(), random_labels()
-    batch = {"fixed": synthesize(fixed_labels, generator),
-             "moving": synthesize(moving_labels, generator),
-             "fixed_labels": fixed_labels, "moving_labels": moving_labels, "num_labels": 13,
-             "fixed_mask": (fixed_labels > 0).float()}
+    batch = synthetic_batch((size,) * 3)
     model = LiquidReg(ModelConfig())
     config = train.TrainConfig(steps=steps + 1, checkpoint_every=0,
                                weights=train.LossWeights(similarity=0.0))
@@ -159,6 +179,112 @@ def train_step(size: int, folder: Path, args) -> dict:
         log = (folder / f"train_{size}.log").read_text(errors="replace").strip()
         raise RuntimeError(f"training step at {size}^3 failed: {log[-300:]}")
     return {**json.loads(result.read_text()), "process_peak_rss_mb": measured["process_peak_rss_mb"]}
+
+
+#: The v2 recipe's loss (scripts/train.py defaults) and its training crop.
+TRAIN_WEIGHTS = dict(similarity=1.0, dice=1.0, smoothness=1.0, folding=10.0, levels=0.5)
+TRAIN_SHAPE = (96, 112, 96)
+
+
+def dispatch_child(fixed: Path, moving: Path, device: str, threads: int, train_steps: int,
+                   train_shape) -> dict:
+    """(f), inside the measured child: what a Fast registration and a training step dispatch."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    from LiquidRegLib import checkpoint, io, register, train
+    from LiquidRegLib.devices import resolve_device
+    from LiquidRegLib.model import LiquidReg, ModelConfig
+    from liquidreg_tools.dispatch import count, profiled
+
+    dev = resolve_device(device)
+    volumes = io.read_volume(fixed, name="fixed"), io.read_volume(moving, name="moving")
+    model = checkpoint.load_model(None, dev)
+    started = time.perf_counter()
+    first = register.register(*volumes, model=model, device=dev)  # warm-up: first-use costs
+    result = {"device": str(dev), "first_registration_s": time.perf_counter() - started}
+    affine = np.asarray(first.affine)
+    for name, settings in (("with_affine", {}),
+                           ("without_affine", {"affine": False, "initial_affine": affine})):
+        with profiled(dev) as prof:
+            register.register(*volumes, model=model, device=dev, **settings)
+        timed = register.register(*volumes, model=model, device=dev, **settings)
+        result[name] = {**count(prof), "timings_s": timed.summary["timings_s"]}
+
+    batch_size = 4 if dev.type == "cuda" else 1
+    batch = synthetic_batch(train_shape, batch_size, dev)
+    torch.manual_seed(0)
+    net = LiquidReg(ModelConfig())
+    weights = train.LossWeights(**TRAIN_WEIGHTS)
+    warm_up = train.TrainConfig(steps=1, checkpoint_every=0, weights=weights)
+    train.run(net, lambda step: batch, warm_up, device=dev)  # first-use costs
+    config = train.TrainConfig(steps=train_steps, checkpoint_every=0, weights=weights,
+                               log_every=25)  # scripts/train.py's default
+    with profiled(dev) as prof:
+        train.run(net, lambda step: batch, config, device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    train.run(net, lambda step: batch, config, device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    counted = count(prof)["total"]
+    result["train"] = {"shape": list(train_shape), "batch": batch_size, "steps": train_steps,
+                       "seconds_per_step": (time.perf_counter() - started) / train_steps,
+                       **{f"{k}_per_step": v / train_steps for k, v in counted.items()}}
+    return result
+
+
+def dispatch(fixed: Path, moving: Path, folder: Path, args) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    result = folder / "dispatch.json"
+    result.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--child-dispatch", str(fixed),
+               str(moving), args.device, str(args.threads), str(args.train_steps),
+               "x".join(map(str, args.dispatch_train_shape)), str(result)]
+    measured = run_measured(command, _environment(args.threads), folder / "dispatch.log",
+                            args.timeout)
+    if not result.exists():
+        log = (folder / "dispatch.log").read_text(errors="replace").strip()
+        raise RuntimeError(f"dispatch count failed: {log[-300:]}")
+    return {**json.loads(result.read_text()), "process_peak_rss_mb": measured["process_peak_rss_mb"]}
+
+
+def dispatch_markdown(row: dict) -> list[str]:
+    cuda = "kernels" in row["with_affine"]["total"]
+    columns = ["aten_ops", "aten_calls"] + (["kernel_launches", "copies", "host_waits"] if cuda else [])
+    lines = ["", f"## What one Fast registration dispatches ({row['input']}, {row['device']})", "",
+             "In process, after a warm-up registration (which took "
+             f"{row['first_registration_s']:.1f} s); counts under `torch.profiler`, times from an "
+             "unprofiled run (summary.json `timings_s`: network includes preprocessing, resample "
+             "is outputs and reports).", "",
+             "| run | stage | " + " | ".join(columns) + " | s (profiled) |",
+             "|---|---|" + "---:|" * (len(columns) + 1)]
+    for name in ("with_affine", "without_affine"):
+        counted = row[name]
+        for stage, counts in [*counted["stages"].items(), ("total", counted["total"])]:
+            seconds = counted["stage_seconds"].get(stage)
+            lines.append(f"| {name.replace('_', ' ')} | {stage} | "
+                         + " | ".join(str(counts.get(c, 0)) for c in columns)
+                         + f" | {'' if seconds is None else f'{seconds:.2f}'} |")
+        timings = ", ".join(f"{k} {v:.2f}" for k, v in counted["timings_s"].items())
+        lines.append(f"| {name.replace('_', ' ')} | unprofiled stage times (s) | {timings} |"
+                     + " |" * len(columns))
+        if cuda:
+            total = counted["total"]
+            lines.append(f"| {name.replace('_', ' ')} | CUDA kernels / GPU busy | "
+                         f"{total['kernels']} / {total['gpu_busy_s']:.3f} s |" + " |" * len(columns))
+    step = row["train"]
+    lines += ["", f"Training step (`train.run`, v2 loss, {'x'.join(map(str, step['shape']))}, "
+              f"batch {step['batch']}): **{step['seconds_per_step']:.2f} s per step**, "
+              f"{step.get('aten_ops_per_step', 0):.0f} aten ops per step "
+              f"({step.get('aten_calls_per_step', 0):.0f} outermost)"
+              + (f", {step['kernels_per_step']:.0f} CUDA kernels, "
+                 f"{step.get('host_waits_per_step', 0):.0f} host waits, GPU busy "
+                 f"{step['gpu_busy_s_per_step'] / step['seconds_per_step']:.0%}"
+                 if "kernels_per_step" in step else "") + ".", ""]
+    return lines
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -203,6 +329,8 @@ def markdown(report: dict) -> str:
                   f"{large['peak_rss_mb']:.0f} MB** (bound: 4096 MB; estimated before starting: "
                   f"{large['estimate_mb']:.0f} MB), wall {large['wall_s']:.1f} s "
                   f"(full-resolution outputs {large['stages_s'].get('resample', 0):.1f} s).", ""]
+    if report.get("dispatch"):
+        lines += dispatch_markdown(report["dispatch"])
     return "\n".join(lines)
 
 
@@ -211,6 +339,13 @@ def main(argv=None) -> int:
     if argv[:1] == ["--child-train"]:
         size, steps, threads, result = argv[1:5]
         content = train_child(int(size), int(steps), int(threads))
+        from LiquidRegLib import io
+        io.write_json(Path(result), content)
+        return 0
+    if argv[:1] == ["--child-dispatch"]:
+        fixed, moving, device, threads, steps, shape, result = argv[1:8]
+        content = dispatch_child(Path(fixed), Path(moving), device, int(threads), int(steps),
+                                 tuple(int(n) for n in shape.split("x")))
         from LiquidRegLib import io
         io.write_json(Path(result), content)
         return 0
@@ -227,8 +362,9 @@ def main(argv=None) -> int:
     parser.add_argument("--train-steps", type=int, help="(c) timed steps, default 5")
     parser.add_argument("--iterations", type=int, help="(d) instance-optimisation steps, default 10")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
-    parser.add_argument("--sections", nargs="+", choices=list("abcde"), default=list("abcde"),
+    parser.add_argument("--sections", nargs="+", choices=list("abcdef"), default=list("abcdef"),
                         help="which measurements to run (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     args = parser.parse_args(argv)
     quick = args.quick
     brain_spacing = 3.0 if quick else 1.0
@@ -243,10 +379,11 @@ def main(argv=None) -> int:
     inputs, runs = out / "inputs", out / "runs"
     report = {"machine": machine(),
               "config": {"threads": args.threads, "quick": quick, "sections": sorted(sections),
-                         "weights": args.weights or "shipped"}}
+                         "weights": args.weights or "shipped", "device": args.device}}
     brain_name = f"sample pair on {'x'.join(map(str, brain_shape))} @ {brain_spacing:g} mm"
     report["register"], report["train"], brain = [], [], None
-    if sections & {"a", "d"}:
+    args.dispatch_train_shape = (32, 40, 32) if quick else TRAIN_SHAPE
+    if sections & {"a", "d", "f"}:
         fixed, moving = write_pair(inputs / "brain", brain_shape, brain_spacing)
     if "a" in sections:
         print(f"(a) {brain_name}", flush=True)
@@ -277,6 +414,9 @@ def main(argv=None) -> int:
         pair = write_pair(inputs / "large", shape, spacing)
         report["large"] = {"input": name, "estimate_mb": estimate_mb(*pair),
                            **register_cli(*pair, runs / "large_net", args)}
+    if "f" in sections:
+        print(f"(f) dispatch counts, {brain_name}", flush=True)
+        report["dispatch"] = {"input": brain_name, **dispatch(fixed, moving, runs / "dispatch", args)}
     write_report(out, "speed", report, markdown(report))
     return 0
 

@@ -39,11 +39,23 @@ CURVE_FIELDS = ["step", "seconds", "lr", "loss", "dice", "levels", "lncc", "smoo
                 "val_identity", "best"]
 
 
-def random_steps(generator: torch.Generator, default) -> tuple:
+def random_steps(seed: int, default) -> tuple:
     """LTC steps per level for one training step: 1 to default + 1, so the cell learns to be an
-    iterative optimiser that keeps improving with more steps, not a fixed-depth network."""
-    draw = torch.rand(len(default), generator=generator, device=generator.device).tolist()
+    iterative optimiser that keeps improving with more steps, not a fixed-depth network.  Drawn
+    on the host: the counts drive Python loops, and a draw on the GPU would make the host wait."""
+    draw = torch.rand(len(default), generator=torch.Generator().manual_seed(seed)).tolist()
     return tuple(1 + int(u * (d + 1)) for u, d in zip(draw, default))
+
+
+def precision(amp: str, device: torch.device) -> dict:
+    """TrainConfig settings for ``--amp``: on a GPU bf16 where it is supported (float32's range,
+    so no loss scaling and no skipped overflow steps; losses, geometry and the cost volume's sums
+    stay in float32), else fp16 with a GradScaler."""
+    if device.type != "cuda" or amp == "off":
+        return {"amp": False}
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"amp": True, "amp_dtype": {"bf16": "bfloat16", "fp16": "float16"}[amp]}
 
 
 def main(argv=None) -> int:
@@ -72,6 +84,10 @@ def main(argv=None) -> int:
     parser.add_argument("--export", default="runs/brain/best.pt",
                         help="weights file written whenever validation improves")
     parser.add_argument("--val-every", type=int, default=100)
+    parser.add_argument("--log-every", type=int, default=25,
+                        help="steps between reads of the losses from the GPU (its only waits)")
+    parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                        help="mixed precision on a GPU (auto: bf16 where supported, else fp16)")
     parser.add_argument("--val-pairs", type=int, default=16)
     args = parser.parse_args(argv)
     reuse_freed_memory()
@@ -81,6 +97,10 @@ def main(argv=None) -> int:
 
     rank, world = train.distributed_setup()
     device = resolve_device(args.device)
+    # Training is never compared bit for bit with a CPU run: TF32 for any float32 convolution or
+    # matrix product left outside autocast (registration itself runs in IEEE float32).
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    amp = precision(args.amp, device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     out = Path(args.out)
@@ -99,17 +119,16 @@ def main(argv=None) -> int:
               "world_size": world, "batch": args.batch, "lr": args.lr,
               "final_lr": args.final_lr, "final_step": args.final_step, "warmup": args.warmup,
               "loss_weights": weights.__dict__, "random_ltc_steps": "1..default+1 per level",
-              "device": str(device)}
+              "device": str(device), "precision": amp.get("amp_dtype", "float32")}
     ckpt = out / "checkpoint.ckpt"
     state_path = out / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {
         "step": 0, "best": -1.0, "best_step": 0, "seconds": 0.0}
 
     def batch_for_step(step: int) -> dict:
-        generator = torch.Generator(device=device).manual_seed(
-            (args.seed * 1_000_003 + step) * 97 + rank)
-        batch = sampler.sample(generator)
-        batch["model_kwargs"] = {"steps": random_steps(generator, model_config.steps)}
+        seed = (args.seed * 1_000_003 + step) * 97 + rank
+        batch = sampler.sample(torch.Generator(device=device).manual_seed(seed))
+        batch["model_kwargs"] = {"steps": random_steps(seed, model_config.steps)}
         return batch
 
     curve = out / "curve.csv"
@@ -121,7 +140,8 @@ def main(argv=None) -> int:
         target = min(args.steps, state["step"] + args.val_every)
         lr = args.final_lr if args.final_lr and state["step"] >= args.final_step else args.lr
         config = train.TrainConfig(steps=target, lr=lr, warmup_steps=args.warmup, seed=args.seed,
-                                   checkpoint_every=0, weights=weights)
+                                   checkpoint_every=0, weights=weights, log_every=args.log_every,
+                                   **amp)
         sums, count = {}, 0
 
         def on_progress(event):

@@ -3,6 +3,7 @@ process uses the CPU's memory."""
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 from .errors import InputError
 
@@ -58,3 +59,24 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+@contextmanager
+def ieee_float32():
+    """Float32 convolutions and matrix products computed as float32 on GPUs too (no TF32).
+
+    PyTorch runs cuDNN convolutions in TF32 by default (10-bit mantissa).  The network refines
+    its estimate step by step, so those errors grow into visible differences between a GPU and
+    the CPU; in full float32 a registration's network costs well under 1 % of the engine's time
+    on a GPU.  Restores the caller's settings afterwards (Slicer's process may rely on them)."""
+    import torch
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    # the flags every torch version reads (torch 2.9's fp32_precision API, once set, makes the
+    # old ones unreadable for code that still uses them)
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved

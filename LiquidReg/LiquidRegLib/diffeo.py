@@ -12,7 +12,8 @@ import functools
 import numpy as np
 import torch
 
-from .grid import Grid, identity_voxels, sample
+from .grid import (Grid, constant, identity_voxels, mapped_voxels, normalising_scale,
+                   normalized_coordinates, sample, sample_at)
 
 #: Minimum number of squarings; 2^7 = 128 sub-steps keep each step far below a voxel.
 MIN_SQUARINGS = 7
@@ -21,6 +22,12 @@ MIN_SQUARINGS = 7
 @functools.lru_cache(maxsize=8)
 def _identity(shape: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return identity_voxels(shape, device, dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _identity_grid(shape: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``grid_sample`` coordinates of every voxel of ``shape``, (I, J, K, 3)."""
+    return mapped_voxels(shape, normalized_coordinates(shape), device, dtype)
 
 
 def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear",
@@ -41,11 +48,34 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
 
 def integrate_velocity(velocity: torch.Tensor, steps: int = MIN_SQUARINGS) -> torch.Tensor:
     """exp(v) by scaling and squaring with ``steps`` (>= 7) squarings; border-padded compositions."""
+    per_axis = normalising_scale(velocity.shape[2:])
+    disp = _squarings(velocity, steps)
+    return torch.stack([disp[..., 2 - axis] / per_axis[axis] for axis in range(3)], dim=1)
+
+
+def exp_grid(velocity: torch.Tensor, steps: int = MIN_SQUARINGS) -> torch.Tensor:
+    """``grid_sample`` coordinates of ``x + exp(v)(x)`` for every voxel ``x``: (N, I, J, K, 3).
+
+    What warping by exp(v) needs, without converting the displacement back to voxel units."""
+    return _identity_grid(tuple(velocity.shape[2:]), velocity.device, velocity.dtype) + \
+        _squarings(velocity, steps)
+
+
+def _squarings(velocity: torch.Tensor, steps: int) -> torch.Tensor:
+    """exp(v) - identity in ``grid_sample`` units, channels last ((k, j, i) order).
+
+    Scaling and squaring works in the sampler's own units, so a squaring is one sampling and two
+    additions, with no unit conversions or host copies in the loop (each would stall a GPU)."""
     if steps < MIN_SQUARINGS:
         raise ValueError(f"scaling and squaring needs at least {MIN_SQUARINGS} steps, got {steps}")
-    disp = velocity / (2 ** steps)
+    shape = tuple(velocity.shape[2:])
+    identity = _identity_grid(shape, velocity.device, velocity.dtype)
+    per_axis = normalising_scale(shape)
+    disp = torch.stack([velocity[:, axis] * (per_axis[axis] / 2 ** steps)
+                        for axis in (2, 1, 0)], dim=-1)
     for _ in range(steps):
-        disp = compose(disp, disp)
+        sampled = sample_at(disp.permute(0, 4, 1, 2, 3), identity + disp, padding_mode="border")
+        disp = disp + sampled.permute(0, 2, 3, 4, 1)
     return disp
 
 
@@ -69,8 +99,8 @@ def resize_field(field: torch.Tensor, shape) -> torch.Tensor:
     if tuple(field.shape[2:]) == shape:
         return field
     out = torch.nn.functional.interpolate(field, size=shape, mode="trilinear", align_corners=True)
-    scale = [(n - 1) / max(o - 1, 1) for n, o in zip(shape, field.shape[2:])]
-    return out * torch.tensor(scale, dtype=out.dtype, device=out.device).view(1, 3, 1, 1, 1)
+    scale = tuple((n - 1) / max(o - 1, 1) for n, o in zip(shape, field.shape[2:]))
+    return out * constant(scale, out.device, out.dtype).view(1, 3, 1, 1, 1)
 
 
 def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:

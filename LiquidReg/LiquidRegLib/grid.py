@@ -16,6 +16,7 @@ torch there would freeze the application for seconds (the work itself runs in an
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -208,36 +209,49 @@ def identity_voxels(shape, device=None, dtype=None) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without making the host wait: on CUDA through pinned memory
+    and an asynchronous copy (a plain copy from pageable memory blocks until the GPU is idle)."""
+    import torch
+
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def mapped_voxels(shape, affine: np.ndarray, device=None, dtype=None) -> torch.Tensor:
     """``affine`` applied to every voxel index of ``shape``: (I, J, K, 3) (float32 unless
     ``dtype``).
 
     Built as a broadcast sum of three 1-D axes, several times faster than a matmul over all
-    voxels of a 1 mm brain.
+    voxels of a 1 mm brain.  The axes are made in float64 on the host and sent in one copy.
     """
     import torch
 
     dtype = dtype or torch.float32
-    m = torch.tensor(np.asarray(affine, dtype=np.float64), dtype=torch.float64)
+    m = np.asarray(affine, dtype=np.float64)
+    host = np.concatenate([np.arange(n, dtype=np.float64)[:, None] * m[:3, axis]
+                           for axis, n in enumerate(shape)] + [m[None, :3, 3]])
+    terms = to_device(torch.from_numpy(host).to(dtype), device).split([*shape, 1])
     out = None
-    for axis, n in enumerate(shape):
-        steps = torch.arange(n, dtype=torch.float64)[:, None] * m[:3, axis]
+    for axis, (n, term) in enumerate(zip(shape, terms)):
         view = [1, 1, 1, 3]
         view[axis] = n
-        term = steps.view(view).to(device=device, dtype=dtype)
-        out = term if out is None else out + term
-    return out + m[:3, 3].to(device=device, dtype=dtype)
+        out = term.view(view) if out is None else out + term.view(view)
+    return out + terms[3][0]
 
 
 def voxel_to_world(points: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
     """Apply a 4x4 matrix to (..., 3) points."""
     import torch
 
-    m = torch.tensor(np.asarray(affine), dtype=points.dtype, device=points.device)
-    return points @ m[:3, :3].T + m[:3, 3]
+    m = to_device(torch.tensor(np.asarray(affine)[:3], dtype=points.dtype), points.device)
+    return points @ m[:, :3].T + m[:, 3]
 
 
-def _normalising_scale(shape) -> list[float]:
+def normalising_scale(shape) -> list[float]:
+    """Voxel (i, j, k) units -> ``grid_sample`` units, per axis in (i, j, k) order."""
     return [2.0 / max(int(n) - 1, 1) for n in shape]
 
 
@@ -246,18 +260,28 @@ def normalized_coordinates(shape) -> np.ndarray:
     align_corners=True (voxel centre 0 -> -1, n-1 -> +1).  Folded into a point map, it saves the
     scale, shift and axis-flip passes over every point of a large grid."""
     m = np.zeros((4, 4))
-    for row, (axis, scale) in enumerate(reversed(list(enumerate(_normalising_scale(shape))))):
+    for row, (axis, scale) in enumerate(reversed(list(enumerate(normalising_scale(shape))))):
         m[row, axis], m[row, 3] = scale, -1.0
     m[3, 3] = 1.0
     return m
 
 
+@functools.lru_cache(maxsize=64)
+def constant(values: tuple, device, dtype) -> torch.Tensor:
+    """A small constant tensor on ``device``, made once per process.
+
+    Creating ``torch.tensor(list, device="cuda")`` copies from the host and waits for it; inside
+    loops (every sampling, every squaring) those waits starve the GPU.  Constants are therefore
+    made once and reused (they must never be modified in place)."""
+    import torch
+
+    return to_device(torch.tensor(values, dtype=dtype), device)
+
+
 def voxel_to_normalized(points: torch.Tensor, shape) -> torch.Tensor:
     """Voxel (i, j, k) -> ``grid_sample`` coordinates, as :func:`normalized_coordinates` but
     elementwise (cheaper than a matrix product for arbitrary points)."""
-    import torch
-
-    scale = torch.as_tensor(_normalising_scale(shape), dtype=points.dtype, device=points.device)
+    scale = constant(tuple(normalising_scale(shape)), points.device, points.dtype)
     return (points * scale - 1.0).flip(-1)
 
 
@@ -286,7 +310,8 @@ def sample_at(volume: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     import torch
     import torch.nn.functional as F
 
-    grid = grid.to(volume.dtype)
+    if grid.dtype != volume.dtype:
+        grid = grid.to(volume.dtype)
     slabs = min(torch.get_num_threads(), grid.shape[1])
     if (volume.device.type != "cpu" or volume.shape[0] != 1 or grid.dim() != 5 or slabs < 2
             or grid[..., 0].numel() < _PARALLEL_POINTS):
@@ -325,14 +350,38 @@ def resample(array, source: Grid, target: Grid, *, world_map: np.ndarray | None 
         raise ValueError(f"interpolation must be 'linear' or 'nearest', not {order!r}")
     import torch
 
-    array = np.asarray(array)
-    if not array.flags.c_contiguous and array.T.flags.c_contiguous:
-        array, source = array.T, source.transposed()  # an [i, j, k] view of [k, j, i] memory
+    array, source = c_ordered(array, source)
     src = torch.as_tensor(np.ascontiguousarray(array), device=device)
     integer = not torch.is_floating_point(src)
     # float32 holds every integer label below 2^24 exactly; beyond that, sample in float64
     exact = integer and src.numel() and int(src.abs().max()) >= 2 ** 24
-    vol = src.to(torch.float64 if exact else torch.float32)[None, None]
+    out = resampled(src.to(torch.float64 if exact else torch.float32), source, target,
+                    world_map=world_map, displacement=displacement, order=order)
+    if integer:
+        out = out.round()
+    return out.cpu().numpy().astype(np.asarray(array).dtype, copy=False)
+
+
+def c_ordered(array, grid: Grid):
+    """``(array, grid)`` with the array's memory in C order, without copying: an [i, j, k] view
+    of [k, j, i] memory (how ITK and VTK store volumes) becomes that memory on the transposed grid.
+    """
+    array = np.asarray(array)
+    if not array.flags.c_contiguous and array.T.flags.c_contiguous:
+        return array.T, grid.transposed()
+    return array, grid
+
+
+def resampled(volume: torch.Tensor, source: Grid, target: Grid, *,
+              world_map: np.ndarray | None = None, displacement: torch.Tensor | None = None,
+              order: str = "linear") -> torch.Tensor:
+    """:func:`resample` of a floating-point (I, J, K) tensor, on its own device: the result stays
+    there, so images that are worked on in the GPU make no round trip through the host."""
+    import torch
+
+    if not volume.is_contiguous() and volume.permute(2, 1, 0).is_contiguous():
+        volume, source = volume.permute(2, 1, 0), source.transposed()  # [k, j, i] memory
+    device = volume.device
     to_source = source.inverse @ (np.eye(4) if world_map is None
                                   else np.asarray(world_map, dtype=np.float64))
     if displacement is None:
@@ -340,8 +389,6 @@ def resample(array, source: Grid, target: Grid, *, world_map: np.ndarray | None 
     else:
         ras = mapped_voxels(target.shape, target.affine, device) + displacement.to(device, torch.float32)
         pts = voxel_to_world(ras, to_source)
-    out = sample(vol, pts[None].to(vol.dtype), mode="nearest" if order == "nearest" else "bilinear")
-    out = out[0, 0]
-    if integer:
-        out = out.round()
-    return out.cpu().numpy().astype(np.asarray(array).dtype, copy=False)
+    out = sample(volume[None, None], pts[None].to(volume.dtype),
+                 mode="nearest" if order == "nearest" else "bilinear")
+    return out[0, 0]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .grid import Grid, resample
+from .grid import Grid, resampled, to_device
 
 
 def percentile_normalise(image: torch.Tensor, mask: torch.Tensor | None = None,
@@ -43,40 +43,54 @@ def normalise_intensity(array: np.ndarray, mask: np.ndarray | None = None) -> np
 
 @dataclass
 class WorkingPair:
-    """A pair on the working grid, as (1, 1, I, J, K) tensors."""
+    """A pair on the working grid, as (1, 1, I, J, K) tensors.  ``moving_unaligned``: the moving
+    image without the affine (what "before registration" compares), when asked for."""
     grid: Grid
     fixed: torch.Tensor
     moving: torch.Tensor
     fixed_mask: torch.Tensor | None = None
     moving_mask: torch.Tensor | None = None
+    moving_unaligned: torch.Tensor | None = None
 
 
 def working_grid(fixed_grid: Grid, spacing_mm: float, divisor: int) -> Grid:
     return fixed_grid.canonical_working_grid(spacing_mm, multiple=divisor)
 
 
+def normalised_image(volume, mask=None, device="cpu") -> torch.Tensor:
+    """``volume`` under the one intensity policy (:func:`percentile_normalise`; ``mask`` on the
+    image's own grid), as an (I, J, K) float32 tensor on ``device``: the full-resolution image is
+    sent to the device once and normalised there."""
+    if mask is not None and mask.grid != volume.grid:
+        raise ValueError("the mask must lie on its image's grid; pass it through validate.check_mask")
+
+    def on_device(array):
+        return to_device(torch.as_tensor(np.asarray(array, dtype=np.float32)), device)
+    return percentile_normalise(on_device(volume.array), None if mask is None else on_device(mask.array))
+
+
 def working_image(volume, grid: Grid, world_map=None, mask=None, device="cpu") -> torch.Tensor:
     """One image, intensity-normalised (inside ``mask``, on the image's own grid: see
     ``validate.check_mask``), on ``grid``: (1, 1, I, J, K)."""
-    if mask is not None and mask.grid != volume.grid:
-        raise ValueError("the mask must lie on its image's grid; pass it through validate.check_mask")
-    array = resample(normalise_intensity(volume.array, None if mask is None else mask.array),
-                     volume.grid, grid, world_map=world_map, device=device)
-    return torch.as_tensor(array, dtype=torch.float32, device=device)[None, None]
+    return resampled(normalised_image(volume, mask, device), volume.grid, grid,
+                     world_map=world_map)[None, None]
 
 
 def working_mask(mask, grid: Grid, world_map=None, device="cpu") -> torch.Tensor | None:
     if mask is None:
         return None
-    array = resample(mask.array.astype(np.float32), mask.grid, grid, world_map=world_map,
-                     device=device)
-    return torch.as_tensor(array > 0.5, dtype=torch.float32, device=device)[None, None]
+    array = to_device(torch.as_tensor(np.asarray(mask.array, dtype=np.float32)), device)
+    return (resampled(array, mask.grid, grid, world_map=world_map) > 0.5).float()[None, None]
 
 
 def to_working(fixed, moving, world_map: np.ndarray, grid: Grid, *, fixed_mask=None,
-               moving_mask=None, device="cpu") -> WorkingPair:
-    """Resample both volumes onto ``grid`` (moving through ``world_map``: fixed RAS -> moving RAS)."""
-    return WorkingPair(grid, working_image(fixed, grid, None, fixed_mask, device),
-                       working_image(moving, grid, world_map, moving_mask, device),
+               moving_mask=None, device="cpu", unaligned: bool = False) -> WorkingPair:
+    """Resample both volumes onto ``grid`` (moving through ``world_map``: fixed RAS -> moving RAS).
+    ``unaligned``: also the moving image without ``world_map``, from the same normalisation."""
+    fixed_image = working_image(fixed, grid, None, fixed_mask, device)  # one full image at a time
+    normalised = normalised_image(moving, moving_mask, device)
+    return WorkingPair(grid, fixed_image,
+                       resampled(normalised, moving.grid, grid, world_map=world_map)[None, None],
                        working_mask(fixed_mask, grid, None, device),
-                       working_mask(moving_mask, grid, world_map, device))
+                       working_mask(moving_mask, grid, world_map, device),
+                       resampled(normalised, moving.grid, grid)[None, None] if unaligned else None)

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, diffeo, losses, memory, metrics, train, validate
-from .devices import resolve_device
+from .devices import ieee_float32, resolve_device
 from .options import RegistrationOptions
-from .grid import Grid, mapped_voxels, normalized_coordinates, sample_at, sampling_grid
-from .preprocess import to_working, working_grid, working_image
+from .grid import (Grid, c_ordered, mapped_voxels, normalized_coordinates, sample_at,
+                   sampling_grid, to_device)
+from .preprocess import to_working, working_grid
 from .progress import check, report
 
 
@@ -35,11 +36,19 @@ class RegistrationResult:
     summary: dict = field(default_factory=dict)
 
 
-def _similarity(pair, moving=None) -> float:
-    """Mean LNCC (5^3 window) at half the working resolution: a report, so kept cheap."""
-    fixed = F.avg_pool3d(pair.fixed, 2)
-    moving = F.avg_pool3d(pair.moving if moving is None else moving, 2)
-    return float(losses.local_ncc(fixed, moving, 5).mean())
+def _similarities(fixed, movings) -> list[float]:
+    """Mean LNCC (5^3 window) of ``fixed`` with each of ``movings`` at half the working
+    resolution: a report, so kept cheap (one batch, one read back)."""
+    fixed = F.avg_pool3d(fixed, 2)
+    movings = F.avg_pool3d(torch.cat(movings), 2)
+    cc = losses.local_ncc(fixed.expand(len(movings), *fixed.shape[1:]), movings, 5)
+    return cc.mean((1, 2, 3, 4)).tolist()
+
+
+def _stage(name: str):
+    """A named range for ``torch.profiler`` (``scripts/benchmark_speed.py`` counts what each
+    stage dispatches); free when no profiler runs."""
+    return torch.profiler.record_function(f"liquidreg.{name}")
 
 
 def register(fixed, moving, options: RegistrationOptions | None = None, *, fixed_mask=None,
@@ -75,7 +84,8 @@ def register(fixed, moving, options: RegistrationOptions | None = None, *, fixed
     timings["load"] = round(time.perf_counter() - started, 3)
     inputs = _Inputs(fixed, moving, fixed_mask, moving_mask)
     try:
-        outcome = _register_on(dev, model, inputs, options, timings, progress, cancel, inverse)
+        with ieee_float32():
+            outcome = _register_on(dev, model, inputs, options, timings, progress, cancel, inverse)
     except torch.cuda.OutOfMemoryError:
         if dev.type != "cuda":
             raise
@@ -129,9 +139,11 @@ def _register_on(dev, model, inputs: _Inputs, options: RegistrationOptions, timi
     t = time.perf_counter()
     if options.affine:
         from .affine import affine_register
-        world_map = affine_register(fixed, moving, initial=options.initial_affine,
-                                    fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask,
-                                    device=dev, progress=progress, cancel=cancel)
+        with _stage("affine"):
+            world_map = affine_register(fixed, moving, initial=options.initial_affine,
+                                        fixed_mask=inputs.fixed_mask,
+                                        moving_mask=inputs.moving_mask, device=dev,
+                                        progress=progress, cancel=cancel)
     else:
         world_map = options.initial_affine if options.initial_affine is not None else np.eye(4)
     validate.check_overlap(fixed, moving, world_map)
@@ -144,14 +156,17 @@ def _register_on(dev, model, inputs: _Inputs, options: RegistrationOptions, timi
     check(cancel)
     report(progress, "resample", 0, 1, "bringing the mapping to full resolution")
     with torch.no_grad():
-        forward = diffeo.exp_velocity(velocity, wgrid.shape, model.squarings)
-        inverse = (diffeo.exp_velocity(-velocity, wgrid.shape, model.squarings) if want_inverse
-                   else None)
-        unaligned = working_image(moving, wgrid, None, inputs.moving_mask, dev)  # before outputs
-        out = _full_resolution(forward, inverse, wgrid, world_map, fixed, moving, dev)
+        with _stage("outputs"):
+            # exp(v) and, for the inverse, exp(-v): one integration of a batch of two
+            fields = diffeo.exp_velocity(torch.cat([velocity, -velocity]) if want_inverse
+                                         else velocity, wgrid.shape, model.squarings)
+            forward, inverse = fields[:1], (fields[1:] if want_inverse else None)
+            out = _full_resolution(forward, inverse, wgrid, world_map, fixed, moving, dev)
+        with _stage("reports"):
+            before, after_affine, after = _similarities(pair.fixed, [
+                pair.moving_unaligned, pair.moving, diffeo.warp(pair.moving, forward)])
         similarity = {"metric": "mean local NCC (5^3 window, half working resolution)",
-                      "before": _similarity(pair, unaligned), "after_affine": _similarity(pair),
-                      "after": _similarity(pair, diffeo.warp(pair.moving, forward))}
+                      "before": before, "after_affine": after_affine, "after": after}
     report(progress, "resample", 1, 1)
     timings["resample"] = round(time.perf_counter() - t, 3)
     return world_map, wgrid, out, similarity, instance
@@ -162,12 +177,14 @@ def _deformable(model, inputs: _Inputs, world_map, dev, options: RegistrationOpt
     t = time.perf_counter()
     cfg = model.config
     wgrid = working_grid(inputs.fixed.grid, cfg.working_spacing, cfg.divisor)
-    pair = to_working(inputs.fixed, inputs.moving, world_map, wgrid, fixed_mask=inputs.fixed_mask,
-                      moving_mask=inputs.moving_mask, device=dev)
-    check(cancel)
-    report(progress, "network", 0, 1, "predicting the velocity field")
-    with torch.no_grad():
-        velocity = model(pair.fixed, pair.moving, steps=options.refinement_steps)
+    with _stage("network"):
+        pair = to_working(inputs.fixed, inputs.moving, world_map, wgrid,
+                          fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask,
+                          device=dev, unaligned=True)
+        check(cancel)
+        report(progress, "network", 0, 1, "predicting the velocity field")
+        with torch.no_grad():
+            velocity = model(pair.fixed, pair.moving, steps=options.refinement_steps)
     report(progress, "network", 1, 1)
     timings["network"] = round(time.perf_counter() - t, 3)
     instance = None
@@ -182,7 +199,7 @@ def _deformable(model, inputs: _Inputs, world_map, dev, options: RegistrationOpt
 
 def _mix(matrix: np.ndarray, field: torch.Tensor) -> torch.Tensor:
     """Apply a 3x3 matrix to the vectors of an (N, 3, I, J, K) field."""
-    m = torch.tensor(np.asarray(matrix), dtype=field.dtype, device=field.device)
+    m = to_device(torch.tensor(np.asarray(matrix), dtype=field.dtype), field.device)
     return torch.einsum("rc,ncijk->nrijk", m, field)
 
 
@@ -229,19 +246,24 @@ def _full_resolution(forward_vox, inverse_vox, wgrid: Grid, world_map, fixed, mo
     def on_work(field):  # (N, C, I, J, K) on wgrid -> the same values laid out on ``work``
         return field.permute(0, 1, 4, 3, 2).contiguous()
 
-    # fixed RAS -> sampling coordinates of the moving image (grid_sample convention, [i, j, k])
-    to_moving = normalized_coordinates(moving.grid.shape) @ moving.grid.inverse @ world_map
+    moving_array, moving_grid = c_ordered(moving.array, moving.grid)
+    # fixed RAS -> sampling coordinates of the moving image (grid_sample convention)
+    to_moving = normalized_coordinates(moving_grid.shape) @ moving_grid.inverse @ world_map
     forward = _mix(wgrid.affine[:3, :3], forward_vox)  # u: RAS mm on the working grid
     jacobian = np.linalg.det(world_map[:3, :3]) * diffeo.jacobian_determinant(forward_vox)
     channels = on_work(torch.cat([_mix(world_map[:3, :3], forward),
                                   _mix(to_moving[:3, :3], forward), jacobian], dim=1))
     del forward, jacobian
-    moving_tensor = torch.as_tensor(np.ascontiguousarray(moving.array), dtype=torch.float32,
-                                    device=dev)[None, None]
-    out = {"displacement": torch.empty((*target.shape, 3)),
-           "warped": torch.empty(target.shape), "jacobian": torch.empty(target.shape),
-           "inverse_displacement": (None if inverse_vox is None
-                                    else torch.empty((*source.shape, 3)))}
+    moving_tensor = to_device(torch.as_tensor(np.asarray(moving_array, dtype=np.float32)),
+                              dev)[None, None]
+    # On CUDA the results go to pinned host memory, copied while the next slab is computed.
+    pinned = torch.device(dev).type == "cuda"
+
+    def host(shape):
+        return torch.empty(shape, pin_memory=pinned)
+    out = {"displacement": host((*target.shape, 3)), "warped": host(target.shape),
+           "jacobian": host(target.shape),
+           "inverse_displacement": None if inverse_vox is None else host((*source.shape, 3))}
     for first, last in _slabs(target.shape):
         rows = (last - first, *target.shape[1:])
         slab = _shifted(target.affine, first)
@@ -252,9 +274,10 @@ def _full_resolution(forward_vox, inverse_vox, wgrid: Grid, world_map, fixed, mo
         displacement += at_fixed[:3].permute(1, 2, 3, 0)
         points = mapped_voxels(rows, to_moving @ slab, dev)
         points += at_fixed[3:6].permute(1, 2, 3, 0)
-        out["displacement"][first:last] = displacement
-        out["warped"][first:last] = sample_at(moving_tensor, points[None])[0, 0]
-        out["jacobian"][first:last] = at_fixed[6]
+        out["displacement"][first:last].copy_(displacement, non_blocking=pinned)
+        out["warped"][first:last].copy_(sample_at(moving_tensor, points[None])[0, 0],
+                                        non_blocking=pinned)
+        out["jacobian"][first:last].copy_(at_fixed[6], non_blocking=pinned)
         del at_fixed, displacement, points
     if inverse_vox is not None:
         # moving y -> z + u^-1(z), z = A^-1 y:  displacement (A^-1 - I) y + u^-1(z)
@@ -268,8 +291,10 @@ def _full_resolution(forward_vox, inverse_vox, wgrid: Grid, world_map, fixed, mo
                                   padding_mode="border")[0]
             inverse = mapped_voxels(rows, (unmap - eye) @ slab, dev)
             inverse += at_moving.permute(1, 2, 3, 0)
-            out["inverse_displacement"][first:last] = inverse
+            out["inverse_displacement"][first:last].copy_(inverse, non_blocking=pinned)
             del at_moving, inverse
+    if pinned:
+        torch.cuda.synchronize(dev)  # every copy has landed before the arrays are handed out
 
     def ijk(tensor):  # [k, j, i, ...] -> an [i, j, k, ...] view of the same memory
         array = tensor.numpy()

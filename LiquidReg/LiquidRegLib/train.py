@@ -20,7 +20,6 @@ The faults of the original training are fixed at the root, not clamped:
 from __future__ import annotations
 
 import ast
-import copy
 import math
 import os
 import random
@@ -36,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint, diffeo, losses, validate
-from .errors import InputError, TrainingDiverged, WeightsError
+from .errors import Cancelled, InputError, TrainingDiverged, WeightsError
 from .model import upsample_field
 from .progress import CancelFn, ProgressFn, check, report
 
@@ -57,10 +56,12 @@ class TrainConfig:
     lr: float = 1e-4
     warmup_steps: int = 0            # linear learning-rate warm-up (Adam's first steps are large)
     clip_norm: float = 1.0
-    amp: bool = True                 # autocast on CUDA (fp16 + GradScaler); ignored on CPU
+    amp: bool = True                 # autocast on CUDA (amp_dtype); ignored on CPU
+    amp_dtype: str = "float16"       # "float16" (with a GradScaler) or "bfloat16" (needs none)
     cpu_bf16: bool = False           # optional bf16 autocast on CPU
     max_consecutive_skips: int = 10
     checkpoint_every: int = 50
+    log_every: int = 1               # steps per read-back of losses (the loop's one host wait)
     lncc_window: int = 9
     seed: int = 0
     weights: LossWeights = field(default_factory=LossWeights)
@@ -102,8 +103,12 @@ def registration_loss(velocity: torch.Tensor, batch: dict, weights: LossWeights,
         total = velocity.new_zeros(())
         same = batch.get("same_contrast")
         use = (torch.ones(fixed.shape[0], device=fixed.device) if same is None
-               else torch.as_tensor(same, device=fixed.device).float().view(-1))
-        if weights.similarity and bool(use.any()):
+               else torch.as_tensor(same).to(fixed.device, non_blocking=True).float().view(-1))
+        # LNCC is left out only when the host knows that no item shares a contrast: asking the
+        # GPU would stall it, and ``use`` zeroes the items that do not anyway
+        shared = (same is None or (torch.is_tensor(same) and same.device.type != "cpu")
+                  or bool(torch.as_tensor(same).any()))
+        if weights.similarity and shared:
             warped = diffeo.warp(moving, disp)
             per_item = losses.lncc_loss(fixed, warped, lncc_window, batch.get("fixed_mask"),
                                         per_item=True)
@@ -174,13 +179,13 @@ def distributed_setup() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _all_finite(flag: bool, device) -> bool:
-    """True only if every replica saw finite values (so all replicas skip together)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0.5)
+def _agree_on_skipping(bad: torch.Tensor) -> torch.Tensor:
+    """Skip on every replica if any replica must skip (on the device: no host wait)."""
+    if dist.is_initialized():
+        bad = bad.float()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad = bad > 0
+    return bad
 
 
 # ---- the loop ------------------------------------------------------------------------------
@@ -228,6 +233,18 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
 
     ``batch_for_step(step)`` must be deterministic in ``step`` (resume relies on it).  On return
     (or on :class:`TrainingDiverged` / ``Cancelled``) the trainable holds the last good weights.
+
+    The host never waits for the device inside a step.  Whether a step is applied is decided on
+    the device: the fused optimiser step is skipped (weights and moments untouched) when the
+    loss or the gradient norm is not finite, and after ``max_consecutive_skips`` skips in a row
+    every further step is skipped too.  Every ``config.log_every`` steps (and before a
+    checkpoint, at the end, on cancel) the losses of those steps are read back at once; then
+    skipped and clipped steps are counted, progress is reported (one event per step, as if each
+    had been read at once) and the run stops with :class:`TrainingDiverged` at the step that
+    made too many skips in a row, whose weights are the last good ones: no per-step copy of
+    the weights is needed.  Applied steps take clipped, finite gradients, so they cannot make a
+    weight non-finite; that is still checked at each read-back, against a copy of the weights
+    made at the previous one.
     """
     device = torch.device(device)
     trainable.to(device).train()
@@ -236,10 +253,12 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
         trainable = nn.parallel.DistributedDataParallel(
             core, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in core.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    use_fp16 = config.amp and device.type == "cuda"
-    use_bf16 = config.cpu_bf16 and device.type == "cpu"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
+    optimizer = torch.optim.Adam(params, lr=config.lr, fused=True)
+    use_amp = config.amp and device.type == "cuda"
+    use_fp16 = use_amp and config.amp_dtype == "float16"
+    use_bf16 = (use_amp and config.amp_dtype == "bfloat16") or (config.cpu_bf16
+                                                                 and device.type == "cpu")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)  # bf16 and fp32 need no scaling
     state = RunState()
     if resume and checkpoint_path and Path(checkpoint_path).exists():
         content, _ = checkpoint.load(checkpoint_path, kind="checkpoint")
@@ -247,12 +266,17 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
         optimizer.load_state_dict(content["optimizer"])
         for group in optimizer.param_groups:  # the caller's config decides the learning rate
             group["lr"] = config.lr            # (e.g. a lower one to finish a long run)
-        scaler.load_state_dict(content["scaler"])
+            group.update(fused=True, foreach=None)  # steps are skipped inside the fused kernel
+        if content["scaler"]:
+            scaler.load_state_dict(content["scaler"])
         _set_rng_state(content["rng"])
         state = RunState(**content["state"])
     rank = dist.get_rank() if dist.is_initialized() else 0
-    last_good = copy.deepcopy(core.state_dict())
+    checked = [p.detach().clone() for p in params]  # weights at the last read-back
     consecutive = 0
+    too_many_skips = torch.zeros((), dtype=torch.bool, device=device)
+    skips_in_a_row = torch.zeros((), device=device)
+    pending = []  # (step, loss, grad_norm, skipped, terms) on the device, not yet read back
     started, first_step = time.time(), state.step
 
     def save_checkpoint():
@@ -264,9 +288,54 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
                 "model_config": getattr(getattr(core, "config", None), "to_dict", dict)()},
                 kind="checkpoint")
 
+    def read_back():
+        """The pending steps' numbers in one host wait; counts, progress, divergence."""
+        nonlocal consecutive
+        if not pending:
+            return
+        with torch.no_grad():
+            weights_norm = nn.utils.get_total_norm(params)
+        values = torch.stack([value.float() for _, loss, norm, skipped, terms in pending
+                              for value in (loss, norm, skipped, *terms.values())]
+                             + [weights_norm]).tolist()
+        finite_weights = math.isfinite(values.pop())
+        rows, start = [], 0
+        for step, *_, terms in pending:
+            rows.append((step, values[start:start + 3], dict(zip(terms, values[start + 3:]))))
+            start += 3 + len(terms)
+        pending.clear()
+        with torch.no_grad():
+            if not finite_weights:  # cannot happen with clipped finite gradients; never keep it
+                torch._foreach_copy_(params, checked)
+                raise TrainingDiverged(f"the weights became non-finite by step {rows[-1][0]}; "
+                                       "those of the previous read-back are kept. Lower the "
+                                       "learning rate")
+            torch._foreach_copy_(checked, params)
+        for step, (loss, grad_norm, skipped), terms in rows:
+            if skipped:
+                consecutive += 1
+                state.skipped += 1
+                if consecutive >= config.max_consecutive_skips:
+                    state.step = step
+                    raise TrainingDiverged(
+                        f"{consecutive} consecutive steps had non-finite loss or gradients (step "
+                        f"{step}); stopped with the last good weights kept. Check the inputs for "
+                        "extreme intensities or lower the learning rate")
+            else:
+                consecutive = 0
+                state.clipped += grad_norm > config.clip_norm
+                state.history.append((step, loss, grad_norm))
+            eta = (time.time() - started) / (step - first_step) * (config.steps - step)
+            report(progress, stage, step, config.steps, loss=loss, grad_norm=grad_norm,
+                   skipped=state.skipped, clipped=state.clipped, eta_s=eta, **terms)
+
     while state.step < config.steps:
-        check(cancel)
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v)
+        try:
+            check(cancel)
+        except Cancelled:
+            read_back()
+            raise
+        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
                  for k, v in batch_for_step(state.step).items()}
         optimizer.zero_grad(set_to_none=True)
         if config.warmup_steps:
@@ -281,40 +350,24 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
         velocity, estimates = velocity if deep else (velocity, ())
         loss, terms = registration_loss(velocity, batch, config.weights, core.squarings,
                                         config.lncc_window, estimates)
-        grad_norm = float("nan")
-        applied = False
-        if _all_finite(bool(torch.isfinite(loss)), device):
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = float(nn.utils.clip_grad_norm_(params, config.clip_norm))
-            if _all_finite(math.isfinite(grad_norm), device):
-                state.clipped += grad_norm > config.clip_norm
-                scaler.step(optimizer)
-                applied = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
-                if not applied:  # cannot happen with finite grads and a sane lr; never keep it
-                    core.load_state_dict(last_good)
-            scaler.update()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(params, config.clip_norm)
+        skipped = _agree_on_skipping(
+            ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)) | too_many_skips)
+        optimizer.found_inf = skipped.float()  # the fused step leaves everything as it was
+        optimizer.step()
+        scaler.update()
+        skips_in_a_row = (skips_in_a_row + 1) * skipped
+        too_many_skips = too_many_skips | (skips_in_a_row >= config.max_consecutive_skips)
         state.step += 1
-        if applied:
-            consecutive = 0
-            last_good = copy.deepcopy(core.state_dict())
-            state.history.append((state.step, float(loss.detach()), grad_norm))
-        else:
-            consecutive += 1
-            state.skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            if consecutive >= config.max_consecutive_skips:
-                core.load_state_dict(last_good)
-                raise TrainingDiverged(
-                    f"{consecutive} consecutive steps had non-finite loss or gradients (step "
-                    f"{state.step}); stopped with the last good weights kept. Check the inputs for "
-                    "extreme intensities or lower the learning rate")
-        done = state.step - first_step
-        eta = (time.time() - started) / done * (config.steps - state.step)
-        report(progress, stage, state.step, config.steps, loss=float(loss.detach()), grad_norm=grad_norm,
-               skipped=state.skipped, clipped=state.clipped, eta_s=eta,
-               **{k: float(v.detach()) for k, v in terms.items()})
-        if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+        pending.append((state.step, loss.detach(), grad_norm.detach(), skipped,
+                        {k: v.detach() for k, v in terms.items()}))
+        del velocity, estimates, loss, terms, batch
+        checkpoint_due = config.checkpoint_every and state.step % config.checkpoint_every == 0
+        if len(pending) >= config.log_every or checkpoint_due or state.step == config.steps:
+            read_back()
+        if checkpoint_due:
             save_checkpoint()
     save_checkpoint()
     core.eval()
@@ -436,6 +489,7 @@ def instance_optimise(velocity: torch.Tensor, pair, iterations: int, *,
     trainable = InstanceVelocity(velocity, squarings)
     batch = {"fixed": pair.fixed, "moving": pair.moving, "fixed_mask": pair.fixed_mask}
     config = TrainConfig(steps=iterations, lr=lr, checkpoint_every=0, lncc_window=7,
+                         amp=False,  # float32 work: no autocast, no GradScaler
                          weights=LossWeights(similarity=1.0, dice=0.0, smoothness=regularisation,
                                              folding=10.0))
     state = run(trainable, lambda step: batch, config, device=device, progress=progress,

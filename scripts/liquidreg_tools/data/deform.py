@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from LiquidRegLib.diffeo import integrate_velocity, resize_field
-from LiquidRegLib.grid import Grid, identity_voxels
-from .synth import gaussian_blur
+from LiquidRegLib.grid import Grid, constant, identity_voxels, to_device
+from .synth import _uniform, gaussian_blur
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,6 @@ class DeformConfig:
     shear_max: float = 0.03
 
 
-def _uniform(generator, low, high, n):
-    return (low + (high - low) * torch.rand(n, generator=generator, device=generator.device)
-            ).double().cpu().numpy()
-
-
 def random_velocity(shape, generator, config: DeformConfig, device=None, batch: int = 1,
                     size=None) -> torch.Tensor:
     """Smooth random velocity field (N, 3, *size) in voxel units of a grid of ``shape``.
@@ -43,10 +38,9 @@ def random_velocity(shape, generator, config: DeformConfig, device=None, batch: 
     upsampled to ``size`` (default ``shape``) — the same field, sampled more or less finely.
     """
     coarse = tuple(max(2, int(math.ceil(n / config.control_spacing)) + 1) for n in shape)
-    std = torch.as_tensor(_uniform(generator, 0.0, config.velocity_std_max, batch),
-                          dtype=torch.float32)
+    std = _uniform(generator, 0.0, config.velocity_std_max, batch).float()
     noise = torch.randn((batch, 3) + coarse, generator=generator, device=generator.device)
-    noise = gaussian_blur(noise.cpu().float(), 0.7)
+    noise = gaussian_blur(noise.float(), 0.7)  # where it was drawn: no trip through the host
     # Blurring shrinks the amplitude: rescale so ``std`` is the field's actual spread.
     unit = noise / noise.flatten(1).std(1).clamp_min(1e-8).view(-1, 1, 1, 1, 1)
     return F.interpolate((unit * std.view(-1, 1, 1, 1, 1)).to(device),
@@ -54,19 +48,25 @@ def random_velocity(shape, generator, config: DeformConfig, device=None, batch: 
 
 
 def random_affine(generator, config: DeformConfig) -> np.ndarray:
-    """4x4 RAS matrix about the origin: rotation, scale, shear, translation (det > 0)."""
-    angles = np.deg2rad(_uniform(generator, -config.rotation_deg, config.rotation_deg, 3))
+    """4x4 RAS matrix about the origin: rotation, scale, shear, translation (det > 0).
+
+    Its twelve numbers are drawn on the generator's device and read back in one copy."""
+    draws = torch.cat([_uniform(generator, -config.rotation_deg, config.rotation_deg, 3),
+                       _uniform(generator, *config.scale_range, 3),
+                       _uniform(generator, -config.shear_max, config.shear_max, 3),
+                       _uniform(generator, -config.translation_mm, config.translation_mm, 3),
+                       ]).double().cpu().numpy()
+    angles, scales, shears, translation = np.deg2rad(draws[:3]), draws[3:6], draws[6:9], draws[9:]
     cx, cy, cz = np.cos(angles)
     sx, sy, sz = np.sin(angles)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    scale = np.diag(_uniform(generator, *config.scale_range, 3))
     shear = np.eye(3)
-    shear[np.triu_indices(3, 1)] = _uniform(generator, -config.shear_max, config.shear_max, 3)
+    shear[np.triu_indices(3, 1)] = shears
     m = np.eye(4)
-    m[:3, :3] = rz @ ry @ rx @ shear @ scale
-    m[:3, 3] = _uniform(generator, -config.translation_mm, config.translation_mm, 3)
+    m[:3, :3] = rz @ ry @ rx @ shear @ np.diag(scales)
+    m[:3, 3] = translation
     return m
 
 
@@ -89,11 +89,11 @@ def random_deformation(grid: Grid, generator, config: DeformConfig = DeformConfi
     coarse = tuple(max(8, int(math.ceil(2 * n / config.control_spacing))) for n in grid.shape)
     velocity = random_velocity(grid.shape, generator, config, device, size=coarse)
     # Velocity is in voxels of the full grid; express it in coarse voxels to integrate there.
-    to_coarse = torch.tensor([(c - 1) / (n - 1) for c, n in zip(coarse, grid.shape)],
-                             device=velocity.device).view(1, 3, 1, 1, 1)
+    to_coarse = constant(tuple((c - 1) / (n - 1) for c, n in zip(coarse, grid.shape)),
+                         velocity.device, velocity.dtype).view(1, 3, 1, 1, 1)
     svf = resize_field(integrate_velocity(velocity * to_coarse), grid.shape)
-    m = torch.as_tensor(voxel_affine(random_affine(generator, config), grid),
-                        dtype=torch.float32, device=svf.device)
+    m = to_device(torch.as_tensor(voxel_affine(random_affine(generator, config), grid),
+                                  dtype=torch.float32), svf.device)
     ident = identity_voxels(grid.shape, svf.device, torch.float32).permute(3, 0, 1, 2)[None]
     linear = torch.einsum("ab,nbijk->naijk", m[:3, :3], ident + svf)
     return linear + m[:3, 3].view(1, 3, 1, 1, 1) - ident
