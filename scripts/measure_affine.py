@@ -2,7 +2,7 @@
 """How the affine stage behaves on a real pair: stability, dispatched ops, time and Dice.
 
     python scripts/measure_affine.py                            # the bundled 1 mm sample pair
-    python scripts/measure_affine.py --pad 193 229 193          # ... resampled onto a 1 mm brain grid
+    python scripts/measure_affine.py --pad 193 229 193          # ... on a 1 mm brain-size grid
     python scripts/measure_affine.py --data data --strip --pairs fsaverage:donor_9861
     python scripts/measure_affine.py --device cuda              # on a GPU, plus CPU/CUDA agreement
     python scripts/measure_affine.py --capture                  # capture range (rotations)
@@ -18,7 +18,8 @@ For each pair (fixed <- moving) it prints one JSON line:
 * ``wall_s`` / ``cpu_s``: best of ``--repeats`` calls after a warm-up, on the threads the stage
   chooses (it runs on one);
 * ``dice``: mean Dice over the labels of both maps after the affine alone (moving labels
-  resampled nearest-neighbour onto the fixed grid), ``dice_identity`` before it and
+  resampled nearest-neighbour onto the fixed grid; all, subcortical, cortical),
+  ``dice_identity`` before it and
   ``dice_perturbed`` after each perturbed run (how much of a Dice difference is noise);
 * with ``--device cuda``: ``cpu_cuda_mm``, the distance between the CPU and the CUDA affine.
 
@@ -58,10 +59,14 @@ def load_pair(args, fixed_name: str | None, moving_name: str | None):
             files += [Path(args.data) / image, Path(args.data) / entry["labels"]]
             masks.append(Path(args.data) / entry["brainmask"])
     volumes = [io.read_volume(f, dtype=None if i % 2 else np.float32) for i, f in enumerate(files)]
-    if fixed_name is not None and args.strip:  # skull-stripped, as the sample pair is
+    if fixed_name is not None and args.strip:  # as the sample pair is made
+        from liquidreg_tools.data.volumes import crop_grid
+
         for i, mask in zip((0, 2), masks):
-            volumes[i] = io.Volume(volumes[i].array * (io.read_volume(mask).array > 0),
-                                   volumes[i].grid)
+            inside = io.read_volume(mask).array > 0
+            grid, window = crop_grid(volumes[i].grid, inside, margin=3)
+            volumes[i] = io.Volume((volumes[i].array * inside)[window], grid)
+            volumes[i + 1] = io.Volume(volumes[i + 1].array[window], grid)
     if args.pad:
         volumes = [_on_brain_grid(v, args.pad, labels=bool(i % 2)) for i, v in enumerate(volumes)]
     return volumes
@@ -88,13 +93,24 @@ def distances(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.linalg.norm(points @ diff[:3, :3].T + diff[:3, 3], axis=1)
 
 
-def affine_dice(fixed_labels, moving_labels, matrix) -> float:
+def affine_dice(fixed_labels, moving_labels, matrix, groups: bool = False):
+    """Mean Dice over the labels of both maps after ``matrix`` (and, with ``groups``, over the
+    subcortical and the cortical ones, as scripts/benchmark.py splits them)."""
+    from liquidreg_tools.data import labels as L
+
     from LiquidRegLib import metrics
     from LiquidRegLib.grid import resample
 
     warped = resample(moving_labels.array, moving_labels.grid, fixed_labels.grid,
                       world_map=matrix, order="nearest")
-    return metrics.mean_dice(metrics.dice_per_label(fixed_labels.array, warped))
+    dice = metrics.dice_per_label(fixed_labels.array, warped)
+    if not groups:
+        return metrics.mean_dice(dice)
+    cortical = {k: v for k, v in dice.items() if L.is_dk([k])[0] or k in (3, 42)}
+    subcortical = {k: v for k, v in dice.items() if k not in cortical}
+    return {name: round(metrics.mean_dice(part), 4)
+            for name, part in (("all", dice), ("subcortical", subcortical),
+                               ("cortical", cortical))}
 
 
 def op_counts(run) -> tuple[int, int]:
@@ -141,18 +157,19 @@ def measure(pair, args) -> dict:
     result = {
         "fixed_shape": list(fixed.grid.shape), "moving_shape": list(moving.grid.shape),
         "device": args.device,
-        "perturbation_mm": {"mean": round(float(moves.mean()), 4), "max": round(float(moves.max()), 4),
-                            "seeds": args.seeds},
+        "perturbation_mm": {"mean": round(float(moves.mean()), 4),
+                            "max": round(float(moves.max()), 4), "seeds": args.seeds},
         "rerun_mm": {"mean": round(float(rerun.mean()), 5), "max": round(float(rerun.max()), 5)},
         "aten_ops": ops, "top_level_ops": top,
         "wall_s": round(min(times), 3), "cpu_s": round(min(cpu), 3),
         "dice_identity": round(affine_dice(fixed_labels, moving_labels, np.eye(4)), 4),
-        "dice": round(affine_dice(fixed_labels, moving_labels, reference), 4),
+        "dice": affine_dice(fixed_labels, moving_labels, reference, groups=True),
         "dice_perturbed": dice_perturbed,
     }
     if args.device != "cpu":
-        result["cpu_cuda_mm"] = {k: round(float(f(distances(points, reference, run(device="cpu")))), 4)
-                                 for k, f in (("mean", np.mean), ("max", np.max))}
+        on_cpu = distances(points, reference, run(device="cpu"))
+        result["cpu_cuda_mm"] = {"mean": round(float(on_cpu.mean()), 4),
+                                 "max": round(float(on_cpu.max()), 4)}
     return result
 
 
@@ -190,7 +207,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", nargs="+", metavar="FIXED:MOVING",
                         help="subjects of --data (default: the bundled sample pair)")
     parser.add_argument("--strip", action="store_true",
-                        help="multiply the --data images by their brain masks")
+                        help="skull-strip the --data images and crop them to the brain plus 3 "
+                             "voxels, as the sample pair is made")
     parser.add_argument("--pad", nargs=3, type=int, metavar=("I", "J", "K"),
                         help="resample both images onto a 1 mm grid of this shape first")
     parser.add_argument("--seeds", type=int, default=3, help="perturbations per pair")
@@ -204,8 +222,8 @@ def main(argv=None) -> int:
     pairs = [p.split(":") for p in args.pairs] if args.pairs else [(None, None)]
     for fixed_name, moving_name in pairs:
         result = measure(load_pair(args, fixed_name, moving_name), args)
-        print(json.dumps({"pair": f"{fixed_name or 'sample fixed'} <- {moving_name or 'sample moving'}",
-                          **result}), flush=True)
+        pair = f"{fixed_name or 'sample fixed'} <- {moving_name or 'sample moving'}"
+        print(json.dumps({"pair": pair, **result}), flush=True)
     return 0
 
 

@@ -87,8 +87,8 @@ class _Level:
     image: torch.Tensor            # (1, 1, I, J, K)
     mask: torch.Tensor | None      # (1, 1, I, J, K) float, 1 where at least half the block is in
     grid: Grid
-    weight: torch.Tensor | None = None  # how much of the smoothing window lies in the mask and
-                                        # field of view, in [0, 1] (see _smoothed)
+    weight: torch.Tensor | None = None  # the share of the smoothing window in the mask and field
+                                        # of view, in [0, 1] (see _smoothed)
 
 
 def affine_register(fixed, moving, *, initial=None, fixed_mask=None, moving_mask=None,
@@ -234,28 +234,32 @@ def _pyramid(volume, mask, device, name: str) -> list[_Level]:
         raise InputError(f"{name} image contains NaN or infinite values; "
                          "fix: replace them (e.g. with 0) before registering")
     lo, hi = _intensity_range(levels[0], name)
+    levels.reverse()
     for level in levels:
         level.image, level.weight = _smoothed(((level.image - lo) / (hi - lo)).clamp(0.0, 1.0),
                                               level.mask, level.grid.spacing)
-    levels.reverse()
     return levels
 
 
 def _smoothed(image: torch.Tensor, mask: torch.Tensor | None, spacing
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``image`` (voxels of ``spacing`` mm) blurred by a Gaussian of ``SMOOTHING_MM``, averaged over
-    the mask and field of view only (normalised convolution: no darkening at their edges), and
-    the fraction of the Gaussian that fell there: near an edge the average is one-sided, so a
-    point read there counts for that much only.
+    """``image`` (voxels of ``spacing`` mm) blurred by a Gaussian of ``SMOOTHING_MM``, and the
+    share of that Gaussian inside the mask (1 without one).
 
-    Trilinear interpolation bends at every voxel face, by as much as the image changes from
-    one voxel to the next; MI summed over the points then has tiny local optima that trap any
-    optimiser a few tenths of a millimetre apart, so that noise in the last bit of an image
-    could move the answer that far.  Without the detail finer than its voxels (which box
-    averaging leaves, aliased), each level is smooth at the scale of the tolerance.  The blur
-    is set in millimetres, so that a fixed and a moving image with different voxels (1.5 mm
-    against 1.2 x 1.0 x 2.5 mm, oblique) are blurred alike.  Sums of shifted slices: plain
-    float32 arithmetic, the same on every device (a GPU convolution may use reduced precision).
+    Why: trilinear interpolation bends at every voxel face, by as much as the image changes
+    from one voxel to the next; MI summed over the points then has tiny local optima that trap
+    any optimiser a few tenths of a millimetre apart, so that noise in the last bits of an
+    image moves the answer that far.  Without the detail finer than the finest level's voxels
+    (which box averaging leaves, aliased), the objective is smooth at the scale of the
+    tolerance.  The blur is set in millimetres, so that images with different voxels (1.5 mm
+    against 1.2 x 1.0 x 2.5 mm, oblique) are blurred alike.
+
+    With a mask, the blur averages over the mask only (normalised convolution: what the mask
+    leaves out does not bleed in); near its edge that average is one-sided, which the share
+    tells.  The field of view is extended by its edge values, so a brain cropped a few voxels
+    from the edge of its image is blurred as if the background went on.  Sums of shifted
+    slices: plain float32 arithmetic, the same on every device (a GPU convolution may run at
+    reduced precision).
     """
     weight = torch.ones_like(image) if mask is None else mask
     both = torch.cat([image * weight, weight], 1)
@@ -264,7 +268,9 @@ def _smoothed(image: torch.Tensor, mask: torch.Tensor | None, spacing
         radius = int(np.ceil(2 * sigma))
         taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma ** 2))
         taps = taps / taps.sum()
-        padded = F.pad(both, [0, 0] * (4 - axis) + [radius, radius])
+        pad = [0] * 6
+        pad[2 * (4 - axis):2 * (4 - axis) + 2] = [radius, radius]
+        padded = F.pad(both, pad, mode="replicate")
         n = both.shape[axis]
         both = padded.narrow(axis, 0, n) * float(taps[0])
         for shift in range(1, 2 * radius + 1):
@@ -403,19 +409,21 @@ class _MutualInformation:
     """``-MI`` between the fixed points and the moving level, and its gradient with respect to
     the 3x4 matrices that map the (centred) fixed points to the moving level.
 
-    Mattes MI: hard bins on the fixed side, cubic B-spline Parzen window on the moving side.  The
-    joint histogram is summed in float64 without atomics, so a device gives the same sum at
-    every run and reordering the points changes it by rounding only: on the CPU a sequential
+    Mattes MI: hard bins on the fixed side, cubic B-spline Parzen window on the moving side.
+    Everything is float64 (the work is small, and no GPU setting can lower the precision of a
+    float64 matrix product, as TF32 would for float32 by 0.1 mm).  The joint histogram is
+    summed without atomics, so a device gives the same sum at every run and reordering the
+    points changes it by rounding only: on the CPU a sequential
     index-add, on a GPU (where that would be atomics) the matrix product of the fixed bins'
     one-hot with the moving spline weights.  The gradient is written out (chain rule through
     the histogram, then one sampler backward for the point positions), so an evaluation is a
     few dozen device ops and one small copy each way, for any number of matrices at once.
 
-    The moving level is read as two channels, intensity x weight and weight (zero outside the
-    field of view and mask, less near their edges, see :func:`_smoothed`), both trilinear: a
-    point's weight in the histogram is its interpolated weight and its intensity the weighted
-    average of its neighbours.  A point leaving the moving image (or mask) thus fades out instead of reading
-    background, and the objective stays continuous.
+    The moving level is read as two channels, intensity x weight and weight (0 outside the
+    mask, less near its edge, see :func:`_smoothed`; 0 beyond the field of view), both
+    trilinear: a point's weight in the histogram is its interpolated weight and its intensity
+    the weighted average of its neighbours.  A point leaving the moving image (or mask) thus
+    fades out instead of reading background, and the objective stays continuous.
     """
 
     def __init__(self, points: torch.Tensor, values: torch.Tensor, centre: np.ndarray,
@@ -432,22 +440,20 @@ class _MutualInformation:
         self.fixed_one_hot_t = (None if device.type == "cpu"
                                 else F.one_hot(bins, BINS).T.double().contiguous())
         scaled = 1.0 + moving.image * (BINS - 3)     # in [1, BINS - 2]: all four bins exist
-        # a point counts as the square of its smoothing window's share inside the moving image
-        # (and mask): a one-sided average's error grows with the missing share
+        # a point counts as the square of its smoothing window's share inside the moving mask
+        # (a one-sided average's error grows with the missing share)
         weight = moving.weight ** 2
-        self.volume = torch.cat([scaled * weight, weight], 1)
+        self.volume = torch.cat([scaled * weight, weight], 1).double()
         self.to_grid = normalized_coordinates(moving.grid.shape) @ moving.grid.inverse
-        self.powers = torch.arange(4, device=device, dtype=torch.float32)
-        self.spline = torch.as_tensor(_SPLINE, dtype=torch.float32, device=device)
+        self.powers = torch.arange(4, device=device, dtype=torch.float64)
+        self.spline = torch.as_tensor(_SPLINE, device=device)
 
     def __call__(self, matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``matrices`` (K, 3, 4): centred fixed point -> moving ``grid_sample`` coordinates.
         Returns the losses (K,) and their gradients (K, 3, 4), float64."""
         k, p = len(matrices), len(self.points)
         stacked = np.ascontiguousarray(matrices.transpose(2, 0, 1).reshape(4, 3 * k))
-        # positions and the gradient's sum over points in float64, whatever a GPU's float32
-        # matrix-product precision is set to (TF32 would move the points by 0.1 mm)
-        grid = self.points.mm(torch.from_numpy(stacked).to(self.volume.device)).float()
+        grid = self.points.mm(torch.from_numpy(stacked).to(self.volume.device))
         grid = grid.view(1, 1, 1, p * k, 3)                          # point-major, then matrix
         sampled = torch.grid_sampler_3d(self.volume, grid, 0, 0, True).view(2, p * k, 1)
         weighted, weight = sampled.unbind(0)                         # (P * K, 1) each
@@ -458,19 +464,20 @@ class _MutualInformation:
             offsets = torch.arange(0, k * _CELLS, _CELLS, device=u.device, dtype=torch.float64)
             self.cells[k] = (self.first_cells[:, None] + offsets[:, None]).view(-1, 4)
         index = (base + self.cells[k]).long()                        # (P * K, 4) cells
-        joint = self._histogram(index, (spline * weight).double(), k)
+        joint = self._histogram(index, spline * weight, k)
         total = joint.sum((1, 2), keepdim=True)
         joint = joint / total
-        log_ratio = (joint.clamp(min=_TINY).log() - joint.sum(2, keepdim=True).clamp(min=_TINY).log()
+        log_ratio = (joint.clamp(min=_TINY).log()
+                     - joint.sum(2, keepdim=True).clamp(min=_TINY).log()
                      - joint.sum(1, keepdim=True).clamp(min=_TINY).log())
         information = (joint * log_ratio).sum((1, 2))
         # d(-MI)/d(histogram cell), read at each point's four cells
         d_cells = ((information.view(k, 1, 1) - log_ratio) / total).take(index)
         d_u = (d_cells * slope).sum(1, keepdim=True)    # (d loss / d u) / weight
-        d_sampled = torch.stack([d_u, (d_cells * spline).sum(1, keepdim=True) - d_u * u]).float()
+        d_sampled = torch.stack([d_u, (d_cells * spline).sum(1, keepdim=True) - d_u * u])
         d_grid = torch.ops.aten.grid_sampler_3d_backward(
             d_sampled.view(1, 2, 1, 1, p * k), self.volume, grid, 0, 0, True, [False, True])[1]
-        d_matrix = self.points_t.mm(d_grid.view(p, 3 * k).double())  # (4, 3K)
+        d_matrix = self.points_t.mm(d_grid.view(p, 3 * k))           # (4, 3K)
         out = torch.cat([information.neg(), d_matrix.view(-1)]).cpu().numpy()
         return out[:k], out[k:].reshape(4, k, 3).transpose(1, 2, 0)
 
