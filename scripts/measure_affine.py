@@ -6,6 +6,7 @@
     python scripts/measure_affine.py --data data --strip --pairs fsaverage:donor_9861
     python scripts/measure_affine.py --device cuda              # on a GPU, plus CPU/CUDA agreement
     python scripts/measure_affine.py --capture                  # capture range (rotations)
+    python scripts/measure_affine.py --registration             # ops of a whole Fast registration
 
 For each pair (fixed <- moving) it prints one JSON line:
 
@@ -22,6 +23,9 @@ For each pair (fixed <- moving) it prints one JSON line:
   ``dice_identity`` before it and
   ``dice_perturbed`` after each perturbed run (how much of a Dice difference is noise);
 * with ``--device cuda``: ``cpu_cuda_mm``, the distance between the CPU and the CUDA affine.
+
+``--registration`` instead counts the aten ops of one whole Fast registration of the pair
+(``register.register``, after a warm-up), for the affine stage's share of it.
 
 ``--capture`` instead turns the sample's moving brain (fsaverage) about each axis through its
 centre, by 10, 20, ... 90 degrees, registers the original to each turned copy and prints the
@@ -201,6 +205,15 @@ def capture_range(args) -> dict:
     return {"capture_range_degrees": ranges}
 
 
+def registration_ops(pair, args) -> dict:
+    from LiquidRegLib import register
+
+    fixed, _, moving, _ = pair
+    register.register(fixed, moving, device=args.device)
+    ops, top = op_counts(lambda: register.register(fixed, moving, device=args.device))
+    return {"registration_aten_ops": ops, "registration_top_level_ops": top}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data", help="folder of scripts/fetch_data.py")
@@ -215,15 +228,18 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls (best is kept)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--capture", action="store_true", help="measure the capture range")
+    parser.add_argument("--registration", action="store_true",
+                        help="count the ops of a whole Fast registration instead")
     args = parser.parse_args(argv)
     if args.capture:
         print(json.dumps(capture_range(args)))
         return 0
     pairs = [p.split(":") for p in args.pairs] if args.pairs else [(None, None)]
     for fixed_name, moving_name in pairs:
-        result = measure(load_pair(args, fixed_name, moving_name), args)
-        pair = f"{fixed_name or 'sample fixed'} <- {moving_name or 'sample moving'}"
-        print(json.dumps({"pair": pair, **result}), flush=True)
+        pair = load_pair(args, fixed_name, moving_name)
+        result = registration_ops(pair, args) if args.registration else measure(pair, args)
+        name = f"{fixed_name or 'sample fixed'} <- {moving_name or 'sample moving'}"
+        print(json.dumps({"pair": name, **result}), flush=True)
     return 0
 
 
