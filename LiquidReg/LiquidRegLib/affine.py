@@ -7,6 +7,23 @@ Why it is built this way:
   non-linear contrast differences or modality (T1 vs T2), where global NCC does; on points it
   costs O(points), so even the finest level is cheap, whereas local NCC needs a dense resample
   and box filters every iteration.  ANTs and elastix use the same metric for their affine stages.
+* **The device samples, the CPU optimises.**  An evaluation sends one 3x4 matrix per start pose
+  to the device, which reads the moving image at the mapped points, sums the joint histogram
+  and returns MI with its gradient with respect to that matrix (written out, no autograd): 13
+  numbers per pose.  The 12 parameters, the matrix exponential and its derivative and the
+  optimiser are float64 numpy on the CPU.  About 60 device operations per evaluation, one copy
+  each way, whatever the device.
+* **Deterministic**: the histogram is summed in float64 without atomics (a sequential
+  index-add on the CPU, a one-hot matrix product on a GPU), so runs repeat exactly and the order
+  of the points changes the sums by rounding only; CPU and GPU then differ by rounding too.
+* **Converged**: BFGS with a backtracking line search on each level, until a step moves no
+  corner of the fixed image by ``TOLERANCE_MM`` (0.01 mm at the finest level, scaled by the
+  spacing on coarser ones).  That only means something if the objective is smooth at that
+  scale: trilinear interpolation bends at every voxel face, which leaves tiny local optima a
+  few tenths of a millimetre apart, so every level of both images is smoothed by a Gaussian
+  of 2 mm first (:func:`_smoothed`).  Then a 1e-6 change of the moving image's intensities
+  moves the answer by thousandths of a millimetre at most (measured on real 1 mm brains), and
+  CPU and GPU, which differ by rounding, should agree as closely (not yet run on a GPU).
 * **Pyramid by box averaging**: each image is averaged over integer blocks of its own voxels to
   about 8, 4 and 2 mm (inside its mask, if any).  Anisotropic, oblique or LPS-stored files need no
   resampling onto a working grid, and the 1 mm volumes are read once.  Fixed points are random
@@ -14,18 +31,23 @@ Why it is built this way:
   interpolation (:func:`grid.sample`), so both sides are blurred alike and the optimum is unbiased.
 * **Parametrisation**: ``A = A0 @ D(p)`` with ``D(x) = c + expm(M/r)(x - c) + t``, ``c`` the fixed
   image's centre of mass and ``r`` its radius of gyration.  Every one of the 12 parameters is then
-  "millimetres of motion at the edge of the head", so one Adam learning rate suits them all, and
-  the exponential makes a rotation a rotation all the way (no stretching on the way to 45
-  degrees).  The coarsest level fits rotation and isotropic scale only, so shear cannot stand in
-  for a rotation there; 4 and 2 mm fit all 12.
+  "millimetres of motion at the edge of the head", so one step length suits them all, and the
+  exponential makes a rotation a rotation all the way (no stretching on the way to 45 degrees).
+  The coarsest level fits rotation and isotropic scale only, so shear cannot stand in for a
+  rotation there; 4 and 2 mm fit all 12.
 * **Start**: centres of mass, plus the principal-axes poses closest to identity (eigenvectors
-  have no sign, and no order when a head is nearly round in some plane); each candidate gets a
-  short run at the coarsest level and the most similar one goes on.  A given ``initial`` matrix
-  is the only candidate.  Measured capture range: 60-70 degrees about any axis.
+  have no sign, and no order when a head is nearly round in some plane).  The candidates are
+  optimised together at the coarsest level (one batched evaluation per step), for at most
+  ``SCREEN_EVALUATIONS`` steps; the first (least rotated) one goes on unless another is better
+  by ``CHOICE_MARGIN``, so that noise cannot flip a near-tie.  A given ``initial`` matrix is the
+  only candidate.  Measured capture range: 80 degrees about any axis
+  (``scripts/measure_affine.py --capture``).
 * **Too few points** (a small field of view or mask) make MI noisy and let it rise by sliding the
   images apart; levels with fewer than ``MIN_POINTS`` are skipped.
-* **Points outside the moving field of view (or mask) are left out** of the histogram rather than
-  read as background, so a moving scan that stops mid-head is not pulled towards its edge.
+* **Points outside the moving field of view (or mask) fade out** of the histogram (within a
+  voxel of its edge) rather than being read as background, so a moving scan that stops
+  mid-head is not pulled towards its edge, and the objective stays continuous; near a mask's
+  edge, where the smoothing is one-sided, points count less.
 """
 from __future__ import annotations
 
@@ -38,22 +60,25 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .grid import Grid, identity_voxels, sample, voxel_to_world
+from .grid import Grid, identity_voxels, normalized_coordinates, sample, voxel_to_world
 from .progress import check, report
 from .validate import mask_on_grid
 
 LEVELS_MM = (8.0, 4.0, 2.0)     # coarse to fine
-ITERATIONS = (40, 30, 30)       # Adam steps per level
 SIMILARITY_LEVELS = 1           # coarsest levels that fit rotation + isotropic scale only
-SCREEN_ITERATIONS = 25          # coarse-level steps each start candidate gets before the choice
-SCREEN_POINTS = 4000            # ... on this many points
-LEARNING_RATE_MM = (3.0, 1.5, 0.75)
-FINAL_LR_FRACTION = 0.1         # exponential decay within a level: big moves first, then settle
-ADAM_BETAS = (0.9, 0.999)
+TOLERANCE_MM = 0.01             # converged: no corner of the fixed image moves this far in a
+                                # step (finest level; coarser levels scale it by their spacing)
+FIRST_STEP_MM = (3.0, 1.5, 0.75)  # the first (gradient) step of a level moves a corner this far
+MAX_STEP_MM = (20.0, 10.0, 5.0)   # ... and no later step farther (keeps the search in its basin)
+MAX_EVALUATIONS = 100           # per start and level: a safety net, convergence comes first
+SUFFICIENT_DECREASE = 1e-4      # Armijo's constant of the line search
+CHOICE_MARGIN = 1e-3            # MI (nats) a later start candidate must gain to be chosen
+SCREEN_EVALUATIONS = 15         # the start candidates are compared after at most this many
 MAX_POINTS = 15000              # fixed points per level (a fixed random subset beyond that)
 MIN_POINTS = 1000               # levels with fewer fixed or moving points are skipped: MI from so
                                 # few samples is noisy, and sliding the images apart raises it
 BINS = 32
+SMOOTHING_MM = 2.0              # Gaussian blur (sigma) of every level: a voxel of the finest
 START_CANDIDATES = 2            # principal-axes rotations (closest to identity) tried besides
                                 # the pure centre-of-mass translation
 
@@ -65,6 +90,8 @@ class _Level:
     image: torch.Tensor            # (1, 1, I, J, K)
     mask: torch.Tensor | None      # (1, 1, I, J, K) float, 1 where at least half the block is in
     grid: Grid
+    weight: torch.Tensor | None = None  # the share of the smoothing window in the mask and field
+                                        # of view, in [0, 1] (see _smoothed)
 
 
 def affine_register(fixed, moving, *, initial=None, fixed_mask=None, moving_mask=None,
@@ -98,23 +125,27 @@ def _register(fixed, moving, initial, fixed_mask, moving_mask, device, progress,
     candidates = ([start] if start is not None
                   else _start_candidates(points[moments], moving_levels[moments]))
 
-    first = levels[0]
     if len(candidates) > 1:
         report(progress, "affine", 0, len(levels),
                f"choosing among {len(candidates)} starting poses")
-        subset = tuple(p[:: max(1, len(p) // SCREEN_POINTS)] for p in points[first])
-        screened = [_optimise(subset, moving_levels[first], a0, centre, radius, SCREEN_ITERATIONS,
-                              LEARNING_RATE_MM[first], cancel, similarity=True)
-                    for a0 in candidates]
-        candidates = [min(screened, key=lambda result: result[1])[0]]
-    best = candidates[0]
+    corners = _corners(points[levels[-1]][0])
+    evaluations = 0
     for step, index in enumerate(levels):
         report(progress, "affine", step, len(levels), f"{LEVELS_MM[index]:g} mm")
-        best, loss = _optimise(points[index], moving_levels[index], best, centre, radius,
-                               ITERATIONS[index], LEARNING_RATE_MM[index], cancel,
-                               similarity=step < SIMILARITY_LEVELS)
-    report(progress, "affine", len(levels), len(levels), "done", mutual_information=-loss)
-    return best
+        similarity = _MutualInformation(*points[index], centre, moving_levels[index])
+        searches = [_Search(_Pose(a0, centre, radius, similarity=step < SIMILARITY_LEVELS),
+                            corners, FIRST_STEP_MM[index], MAX_STEP_MM[index],
+                            TOLERANCE_MM * LEVELS_MM[index] / LEVELS_MM[-1],
+                            SCREEN_EVALUATIONS if len(candidates) > 1 else MAX_EVALUATIONS)
+                    for a0 in candidates]
+        evaluations += _run(similarity, searches, cancel)
+        chosen = _chosen(searches)
+        chosen.resume(MAX_EVALUATIONS)  # a start chosen before converging goes on alone
+        evaluations += _run(similarity, [chosen], cancel)
+        candidates = [chosen.pose.matrix(chosen.q)]
+    report(progress, "affine", len(levels), len(levels), "done",
+           mutual_information=-chosen.loss, evaluations=evaluations, converged=chosen.converged)
+    return candidates[0]
 
 
 @contextmanager
@@ -208,8 +239,47 @@ def _pyramid(volume, mask, device, name: str) -> list[_Level]:
     lo, hi = _intensity_range(levels[0], name)
     levels.reverse()
     for level in levels:
-        level.image = ((level.image - lo) / (hi - lo)).clamp(0.0, 1.0)
+        level.image, level.weight = _smoothed(((level.image - lo) / (hi - lo)).clamp(0.0, 1.0),
+                                              level.mask, level.grid.spacing)
     return levels
+
+
+def _smoothed(image: torch.Tensor, mask: torch.Tensor | None, spacing
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``image`` (voxels of ``spacing`` mm) blurred by a Gaussian of ``SMOOTHING_MM``, and the
+    share of that Gaussian inside the mask (1 without one).
+
+    Why: trilinear interpolation bends at every voxel face, by as much as the image changes
+    from one voxel to the next; MI summed over the points then has tiny local optima that trap
+    any optimiser a few tenths of a millimetre apart, so that noise in the last bits of an
+    image moves the answer that far.  Without the detail finer than the finest level's voxels
+    (which box averaging leaves, aliased), the objective is smooth at the scale of the
+    tolerance.  The blur is set in millimetres, so that images with different voxels (1.5 mm
+    against 1.2 x 1.0 x 2.5 mm, oblique) are blurred alike.
+
+    With a mask, the blur averages over the mask only (normalised convolution: what the mask
+    leaves out does not bleed in); near its edge that average is one-sided, which the share
+    tells.  The field of view is extended by its edge values, so a brain cropped a few voxels
+    from the edge of its image is blurred as if the background went on.  Sums of shifted
+    slices: plain float32 arithmetic, the same on every device (a GPU convolution may run at
+    reduced precision).
+    """
+    weight = torch.ones_like(image) if mask is None else mask
+    both = torch.cat([image * weight, weight], 1)
+    for axis, step in enumerate(spacing, start=2):
+        sigma = SMOOTHING_MM / step
+        radius = int(np.ceil(2 * sigma))
+        taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma ** 2))
+        taps = taps / taps.sum()
+        pad = [0] * 6
+        pad[2 * (4 - axis):2 * (4 - axis) + 2] = [radius, radius]
+        padded = F.pad(both, pad, mode="replicate")
+        n = both.shape[axis]
+        both = padded.narrow(axis, 0, n) * float(taps[0])
+        for shift in range(1, 2 * radius + 1):
+            both = both.add(padded.narrow(axis, shift, n), alpha=float(taps[shift]))
+    total, weight = both.split(1, dim=1)
+    return torch.where(weight > 1e-6, total / weight.clamp(min=1e-6), 0.0), weight
 
 
 def _voxel_count(level: _Level) -> int:
@@ -327,88 +397,300 @@ def _start_candidates(fixed_points, moving_level: _Level) -> list[np.ndarray]:
     return candidates
 
 
-# ---- similarity and optimisation ------------------------------------------------------------
+# ---- similarity on the device ---------------------------------------------------------------
+# The cubic B-spline weights of the four moving bins a value touches (its bin - 1 .. + 2), and
+# their derivatives, as polynomials in the value's fraction t of a bin: row n multiplies t**n.
+_SPLINE = np.array([[1, 4, 1, 0, -3, 0, 3, 0],
+                    [-3, 0, 3, 0, 6, -12, 6, 0],
+                    [3, -6, 3, 0, -3, 9, -9, 3],
+                    [-1, 3, -3, 1, 0, 0, 0, 0]]) / 6.0
+_CELLS = BINS * (BINS + 1)  # joint histogram: fixed bins x moving bins (one spare, always empty)
+_TINY = 1e-30               # empty cells: log(0) -> log(_TINY), weighted by 0
+
+
+class _MutualInformation:
+    """``-MI`` between the fixed points and the moving level, and its gradient with respect to
+    the 3x4 matrices that map the (centred) fixed points to the moving level.
+
+    Mattes MI: hard bins on the fixed side, cubic B-spline Parzen window on the moving side.
+    Everything is float64 (the work is small, and no GPU setting can lower the precision of a
+    float64 matrix product, as TF32 would for float32 by 0.1 mm).  The joint histogram is
+    summed without atomics, so a device gives the same sum at every run and reordering the
+    points changes it by rounding only: on the CPU a sequential
+    index-add, on a GPU (where that would be atomics) the matrix product of the fixed bins'
+    one-hot with the moving spline weights.  The gradient is written out (chain rule through
+    the histogram, then one sampler backward for the point positions), so an evaluation is a
+    few dozen device ops and one small copy each way, for any number of matrices at once.
+
+    The moving level is read as two channels, intensity x weight and weight (0 outside the
+    mask, less near its edge, see :func:`_smoothed`; 0 beyond the field of view), both
+    trilinear: a point's weight in the histogram is its interpolated weight and its intensity
+    the weighted average of its neighbours.  A point leaving the moving image (or mask) thus
+    fades out instead of reading background, and the objective stays continuous.
+    """
+
+    def __init__(self, points: torch.Tensor, values: torch.Tensor, centre: np.ndarray,
+                 moving: _Level):
+        device = values.device
+        centred = points.double() - torch.as_tensor(centre, device=device)
+        self.points = torch.cat([centred, torch.ones_like(centred[:, :1])], 1)  # float64
+        self.points_t = self.points.T.contiguous()
+        bins = _fixed_bins(values)
+        # histogram cells of each point's moving bins -1 .. 2 (added to the value's bin)
+        self.first_cells = (bins[:, None] * (BINS + 1)
+                            + torch.arange(-1, 3, device=device)).double()
+        self.cells = {}  # ... for K matrices at once: (P * K, 4), matrix k's histogram k-th
+        self.fixed_one_hot_t = (None if device.type == "cpu"
+                                else F.one_hot(bins, BINS).T.double().contiguous())
+        scaled = 1.0 + moving.image * (BINS - 3)     # in [1, BINS - 2]: all four bins exist
+        # a point counts as the square of its smoothing window's share inside the moving mask
+        # (a one-sided average's error grows with the missing share)
+        weight = moving.weight ** 2
+        self.volume = torch.cat([scaled * weight, weight], 1).double()
+        self.to_grid = normalized_coordinates(moving.grid.shape) @ moving.grid.inverse
+        self.powers = torch.arange(4, device=device, dtype=torch.float64)
+        self.spline = torch.as_tensor(_SPLINE, device=device)
+
+    def __call__(self, matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``matrices`` (K, 3, 4): centred fixed point -> moving ``grid_sample`` coordinates.
+        Returns the losses (K,) and their gradients (K, 3, 4), float64."""
+        k, p = len(matrices), len(self.points)
+        stacked = np.ascontiguousarray(matrices.transpose(2, 0, 1).reshape(4, 3 * k))
+        grid = self.points.mm(torch.from_numpy(stacked).to(self.volume.device))
+        grid = grid.view(1, 1, 1, p * k, 3)                          # point-major, then matrix
+        sampled = torch.grid_sampler_3d(self.volume, grid, 0, 0, True).view(2, p * k, 1)
+        weighted, weight = sampled.unbind(0)                         # (P * K, 1) each
+        u = (weighted / weight.clamp(min=1e-6)).clamp(1.0, BINS - 2.0)
+        base = u.floor()
+        spline, slope = (u - base).pow(self.powers).mm(self.spline).split(4, 1)
+        if k not in self.cells:
+            offsets = torch.arange(0, k * _CELLS, _CELLS, device=u.device, dtype=torch.float64)
+            self.cells[k] = (self.first_cells[:, None] + offsets[:, None]).view(-1, 4)
+        index = (base + self.cells[k]).long()                        # (P * K, 4) cells
+        joint = self._histogram(index, spline * weight, k)
+        total = joint.sum((1, 2), keepdim=True)
+        joint = joint / total
+        log_ratio = (joint.clamp(min=_TINY).log()
+                     - joint.sum(2, keepdim=True).clamp(min=_TINY).log()
+                     - joint.sum(1, keepdim=True).clamp(min=_TINY).log())
+        information = (joint * log_ratio).sum((1, 2))
+        # d(-MI)/d(histogram cell), read at each point's four cells
+        d_cells = ((information.view(k, 1, 1) - log_ratio) / total).take(index)
+        d_u = (d_cells * slope).sum(1, keepdim=True)    # (d loss / d u) / weight
+        d_sampled = torch.stack([d_u, (d_cells * spline).sum(1, keepdim=True) - d_u * u])
+        d_grid = torch.ops.aten.grid_sampler_3d_backward(
+            d_sampled.view(1, 2, 1, 1, p * k), self.volume, grid, 0, 0, True, [False, True])[1]
+        d_matrix = self.points_t.mm(d_grid.view(p, 3 * k))           # (4, 3K)
+        out = torch.cat([information.neg(), d_matrix.view(-1)]).cpu().numpy()
+        return out[:k], out[k:].reshape(4, k, 3).transpose(1, 2, 0)
+
+    def _histogram(self, index: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
+        """(K, BINS, BINS + 1) sums of ``weights`` in their cells ``index``, deterministic."""
+        if self.fixed_one_hot_t is None:  # the CPU adds in order
+            flat = torch.zeros(k * _CELLS, dtype=weights.dtype, device=weights.device)
+            return flat.index_add_(0, index.view(-1), weights.view(-1)).view(k, BINS, BINS + 1)
+        dense = torch.zeros(len(weights), BINS + 1, dtype=weights.dtype, device=weights.device)
+        dense.scatter_(1, index % _CELLS % (BINS + 1), weights)  # 4 distinct bins a row
+        joint = self.fixed_one_hot_t.mm(dense.view(-1, k * (BINS + 1)))  # (BINS, K * (BINS + 1))
+        return joint.view(BINS, k, BINS + 1).transpose(0, 1)
+
+
 def _fixed_bins(values: torch.Tensor) -> torch.Tensor:
     """Hard histogram bin of each fixed intensity (Mattes: the fixed side needs no smoothing)."""
     return (values * BINS).long().clamp(0, BINS - 1)
 
 
-def _mutual_information(fixed_bins, moving_values, weights) -> torch.Tensor:
-    """MI of the joint histogram, moving side smoothed by a cubic B-spline Parzen window.
+# ---- the pose and its parameters, on the CPU in float64 -----------------------------------------
+_SIMILARITY_BASIS = np.array([  # columns: rotation about R, A, S; isotropic scale
+    [0, 0, 0, 1], [0, 0, -1, 0], [0, 1, 0, 0],
+    [0, 0, 1, 0], [0, 0, 0, 1], [-1, 0, 0, 0],
+    [0, -1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 
-    Each point adds to 4 neighbouring moving bins only, so this costs O(points), and the B-spline
-    makes the histogram (hence MI) twice differentiable in the moving intensities.
+
+class _Pose:
+    """``A(q) = A0 @ D(q)`` with ``D(x) = c + expm(M / r)(x - c) + t``: ``t = q[:3]``, ``M`` from
+    ``q[3:]`` (all 9 entries, or rotation and isotropic scale only).
+
+    ``c`` is the fixed image's centre of mass and ``r`` its radius of gyration, so every
+    parameter is "millimetres of motion at the edge of the head" and one step length suits
+    them all; the exponential makes a rotation a rotation all the way (no stretching on the way
+    to 45 degrees).  ``similarity`` keeps shear from standing in for a rotation at the coarsest
+    level (an ellipse turned by 30 degrees is also an ellipse sheared), a wrong local optimum.
     """
-    u = 1.0 + moving_values * (BINS - 3)
-    base = u.detach().floor()
-    t = u - base
-    spline = torch.stack([(1 - t) ** 3, 3 * t ** 3 - 6 * t ** 2 + 4,
-                          -3 * t ** 3 + 3 * t ** 2 + 3 * t + 1, t ** 3], dim=1) / 6
-    moving_bins = (base.long()[:, None] + torch.arange(-1, 3, device=u.device)).clamp(0, BINS - 1)
-    index = fixed_bins[:, None] * BINS + moving_bins
-    joint = torch.zeros(BINS * BINS, device=u.device, dtype=u.dtype)
-    joint = joint.index_add(0, index.reshape(-1), (spline * weights[:, None]).reshape(-1))
-    joint = joint.view(BINS, BINS) / joint.sum().clamp(min=1e-12)
-    pf = joint.sum(1, keepdim=True)
-    pm = joint.sum(0, keepdim=True)
-    eps = 1e-10
-    return (joint * (torch.log(joint + eps) - torch.log(pf + eps) - torch.log(pm + eps))).sum()
+
+    def __init__(self, a0: np.ndarray, centre: np.ndarray, radius: float, similarity: bool):
+        self.a0, self.centre, self.radius = a0, centre, radius
+        self.basis = _SIMILARITY_BASIS if similarity else np.eye(9)
+        self.size = 3 + self.basis.shape[1]
+        self.shift = np.eye(4)  # centred point -> point
+        self.shift[:3, 3] = centre
+
+    def _exponent(self, q: np.ndarray) -> np.ndarray:
+        return (self.basis @ q[3:]).reshape(3, 3) / self.radius
+
+    def matrix(self, q: np.ndarray) -> np.ndarray:
+        d = np.eye(4)
+        d[:3, :3] = _expm(self._exponent(q))
+        d[:3, 3] = self.centre + q[:3] - d[:3, :3] @ self.centre
+        return self.a0 @ d
+
+    def sampling_matrix(self, q: np.ndarray, to_grid: np.ndarray) -> np.ndarray:
+        """3x4: centred fixed point -> moving ``grid_sample`` coordinates."""
+        return (to_grid @ self.matrix(q) @ self.shift)[:3]
+
+    def gradient(self, q: np.ndarray, to_grid: np.ndarray, d_sampling: np.ndarray) -> np.ndarray:
+        """Chain rule from d loss / d (sampling matrix) to d loss / d q."""
+        d_a = to_grid[:3].T @ d_sampling @ self.shift.T
+        d_d = self.a0.T @ d_a
+        d_linear = d_d[:3, :3] - np.outer(d_d[:3, 3], self.centre)
+        d_exponent = _expm_adjoint(self._exponent(q), d_linear) / self.radius
+        return np.concatenate([d_d[:3, 3], self.basis.T @ d_exponent.reshape(9)])
 
 
-def _residual_matrix(params: torch.Tensor, centre: torch.Tensor, radius: float,
-                     similarity: bool = False) -> torch.Tensor:
-    """4x4 ``D(p)``: translation ``p[:3]`` mm, linear part ``expm(M / r)`` about ``centre``.
-
-    The matrix exponential turns the skew part of ``M`` into an exact rotation (no stretching on
-    the way to 30 degrees) and the symmetric part into scale and shear.  ``similarity`` keeps only
-    rotation and isotropic scale: at the coarsest level shear could otherwise stand in for a
-    rotation (an ellipse turned by 30 degrees is also an ellipse sheared), a wrong local optimum.
-    """
-    m = params[3:].view(3, 3) / radius
-    if similarity:
-        eye = torch.eye(3, dtype=params.dtype, device=params.device)
-        m = (m - m.T) / 2 + eye * torch.diagonal(m).mean()
-    linear = torch.linalg.matrix_exp(m)
-    top = torch.cat([linear, (centre + params[:3] - linear @ centre)[:, None]], dim=1)
-    bottom = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=params.dtype, device=params.device)
-    return torch.cat([top, bottom])
+def _expm(x: np.ndarray) -> np.ndarray:
+    """Matrix exponential of a small matrix: Taylor series of ``x / 2^s`` (norm <= 1/2, 18
+    terms: exact to rounding), squared ``s`` times."""
+    norm = np.abs(x).sum(0).max()
+    s = max(0, int(np.ceil(np.log2(norm))) + 1) if norm > 0 else 0
+    y = x / 2.0 ** s
+    term = out = np.eye(len(x))
+    for k in range(1, 19):
+        term = term @ y / k
+        out = out + term
+    for _ in range(s):
+        out = out @ out
+    return out
 
 
-def _optimise(fixed_points, moving: _Level, a0: np.ndarray, centre, radius: float,
-              iterations: int, lr: float, cancel, similarity: bool = False
-              ) -> tuple[np.ndarray, float]:
-    """Adam on the 12 parameters of ``D``; returns (A0 @ D, final loss).
+def _expm_adjoint(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Gradient of ``<g, expm(x)>`` with respect to ``x``: the Frechet derivative of expm at
+    ``x.T`` in the direction ``g``, the upper right block of expm([[x.T, g], [0, x.T]])."""
+    scale = np.abs(g).max()
+    if scale == 0:
+        return np.zeros_like(g)
+    n = len(x)
+    block = np.zeros((2 * n, 2 * n))
+    block[:n, :n] = block[n:, n:] = x.T
+    block[:n, n:] = g / scale
+    return _expm(block)[:n, n:] * scale
 
-    Adam is written out (a few lines on 12 numbers) because constructing ``torch.optim.Adam``
-    the first time imports the compiler stack, ~1-2 s of every command-line registration.
-    """
-    points, values = fixed_points
-    device = points.device
-    homogeneous = torch.cat([points, torch.ones_like(points[:, :1])], dim=1)
-    fixed_bins = _fixed_bins(values)
-    to_voxel = torch.as_tensor(moving.grid.inverse @ a0, dtype=torch.float64, device=device)
-    c = torch.as_tensor(centre, dtype=torch.float64, device=device)
-    shape = torch.as_tensor(moving.grid.shape, dtype=torch.float32, device=device)
-    params = torch.zeros(12, dtype=torch.float64, device=device, requires_grad=True)
-    mean, square = torch.zeros_like(params), torch.zeros_like(params)
-    for step in range(iterations + 1):
+
+# ---- the search, on the CPU ------------------------------------------------------------------
+class _Search:
+    """BFGS with a backtracking line search on one start's parameters; it stops when a step
+    (taken, or the smallest worth trying) moves no corner of the fixed image by ``tolerance``
+    mm or more.  ``trial`` is the next point to evaluate, None once stopped."""
+
+    def __init__(self, pose: _Pose, corners: np.ndarray, first_step: float, max_step: float,
+                 tolerance: float, max_evaluations: int):
+        self.pose, self.corners = pose, corners
+        self.first_step, self.max_step, self.tolerance = first_step, max_step, tolerance
+        self.max_evaluations = max_evaluations
+        self.q = np.zeros(pose.size)
+        self.trial = self.q
+        self.loss = self.grad = self.inverse_hessian = None
+        self.evaluations, self.converged = 0, False
+
+    def tell(self, loss: float, grad: np.ndarray) -> None:
+        """The loss and gradient at ``trial``."""
+        self.evaluations += 1
+        if self.loss is None:
+            self.loss, self.grad = loss, grad
+            return self._next_step()
+        step = self.trial - self.q
+        slope = self.grad @ step
+        if loss <= self.loss + SUFFICIENT_DECREASE * slope:
+            change = grad - self.grad
+            gradient_step = self.inverse_hessian is None
+            if step @ change > 1e-8 * np.linalg.norm(step) * np.linalg.norm(change):
+                self._update(step, change)
+            moved = self._moves(step)
+            self.q, self.loss, self.grad = self.trial, loss, grad
+            return self._converged(gradient_step) if moved < self.tolerance else self._next_step()
+        # no sufficient decrease: a shorter step in the same direction (safeguarded quadratic fit)
+        step = step * np.clip(-slope / (2 * (loss - self.loss - slope)), 0.1, 0.5)
+        if self._moves(step) < self.tolerance:  # nothing better at least a tolerance away
+            return self._converged(self.inverse_hessian is None)
+        if self.evaluations >= self.max_evaluations:
+            return self._stop(False)
+        self.trial = self.q + step
+
+    def _converged(self, gradient_step: bool) -> None:
+        """Stop after a short gradient step; after a short quasi-Newton step, first try a
+        gradient step: the curvature BFGS learnt near a kink of the objective (trilinear
+        interpolation has them at every voxel face) can make its steps short far from the
+        optimum."""
+        if gradient_step:
+            return self._stop(True)
+        self.inverse_hessian = None
+        self._next_step()
+
+    def _next_step(self) -> None:
+        if self.evaluations >= self.max_evaluations:
+            return self._stop(False)
+        direction = None if self.inverse_hessian is None else -self.inverse_hessian @ self.grad
+        if direction is None or direction @ self.grad >= 0:  # (re)start with a gradient step
+            self.inverse_hessian, direction, limit = None, -self.grad, self.first_step
+        else:
+            limit = self.max_step
+        largest = np.abs(direction).max()  # parameters are mm at the edge of the head, and
+        if largest == 0:                   # the corners lie farther out: the pose of a longer
+            return self._stop(True)        # step is not worth computing (nor its overflow)
+        if largest > limit:
+            direction = direction * (limit / largest)
+        moves = self._moves(direction)
+        if self.inverse_hessian is None or moves > limit:
+            direction = direction * (limit / moves)
+        self.trial = self.q + direction
+
+    def _update(self, step: np.ndarray, change: np.ndarray) -> None:
+        """BFGS update of the inverse Hessian (the first one scaled to the measured curvature)."""
+        rho = 1.0 / (step @ change)
+        if self.inverse_hessian is None:
+            self.inverse_hessian = np.eye(len(step)) / (rho * (change @ change))
+        v = np.eye(len(step)) - rho * np.outer(step, change)
+        self.inverse_hessian = v @ self.inverse_hessian @ v.T + rho * np.outer(step, step)
+
+    def _moves(self, step: np.ndarray) -> float:
+        """Farthest distance (mm) a corner of the fixed image moves between q and q + step."""
+        diff = self.pose.matrix(self.q + step) - self.pose.matrix(self.q)
+        return float(np.linalg.norm(self.corners @ diff[:3].T, axis=1).max())
+
+    def _stop(self, converged: bool) -> None:
+        self.trial, self.converged = None, converged
+
+    def resume(self, max_evaluations: int) -> None:
+        """Go on, to convergence or ``max_evaluations`` in all, if stopped before converging."""
+        self.max_evaluations = max_evaluations
+        if not self.converged:
+            self._next_step()
+
+
+def _run(similarity: _MutualInformation, searches: list[_Search], cancel) -> int:
+    """Run the searches to their ends together: one device evaluation per round for all those
+    still moving (the start candidates share the coarsest level's evaluations).  Returns the
+    number of rounds."""
+    rounds = 0
+    while active := [s for s in searches if s.trial is not None]:
         check(cancel)
-        fixed_to_voxel = (to_voxel @ _residual_matrix(params, c, radius, similarity))[:3].float()
-        voxel = homogeneous @ fixed_to_voxel.T
-        with torch.no_grad():
-            inside = ((voxel >= 0) & (voxel <= shape - 1)).all(-1).float()
-            if moving.mask is not None:
-                inside = inside * _read_inside_mask(moving.mask, voxel).float()
-        warped = sample(moving.image, voxel[None, :, None, None])[0, 0, :, 0, 0]
-        loss = -_mutual_information(fixed_bins, warped, inside)
-        if step == iterations:
-            break
-        (grad,) = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            mean.mul_(ADAM_BETAS[0]).add_(grad, alpha=1 - ADAM_BETAS[0])
-            square.mul_(ADAM_BETAS[1]).addcmul_(grad, grad, value=1 - ADAM_BETAS[1])
-            rate = lr * FINAL_LR_FRACTION ** (step / max(iterations - 1, 1))
-            unbiased = square / (1 - ADAM_BETAS[1] ** (step + 1))
-            params -= (rate / (1 - ADAM_BETAS[0] ** (step + 1))) * mean / (unbiased.sqrt() + 1e-8)
-    d = _residual_matrix(params.detach(), c, radius, similarity).cpu().numpy()
-    return a0 @ d, float(loss.detach())
+        matrices = np.stack([s.pose.sampling_matrix(s.trial, similarity.to_grid) for s in active])
+        losses, grads = similarity(matrices)
+        for search, loss, grad in zip(active, losses, grads):
+            search.tell(float(loss), search.pose.gradient(search.trial, similarity.to_grid, grad))
+        rounds += 1
+    return rounds
+
+
+def _chosen(searches: list[_Search]) -> _Search:
+    """The first start (the least rotation) unless a later one is better by ``CHOICE_MARGIN``:
+    near-ties always go the same way, so rounding noise cannot flip the choice."""
+    best = min(s.loss for s in searches)
+    return next(s for s in searches if s.loss <= best + CHOICE_MARGIN)
+
+
+def _corners(points: torch.Tensor) -> np.ndarray:
+    """The 8 corners (homogeneous, (8, 4)) of the box around the fixed points."""
+    p = points.double()
+    low, high = p.min(0).values.cpu().numpy(), p.max(0).values.cpu().numpy()
+    corners = np.array(list(itertools.product(*zip(low, high))))
+    return np.c_[corners, np.ones(8)]
