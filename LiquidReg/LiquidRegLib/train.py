@@ -44,7 +44,7 @@ from .progress import CancelFn, ProgressFn, check, report
 # ---- configuration -------------------------------------------------------------------------
 @dataclass
 class LossWeights:
-    similarity: float = 1.0    # 1 - LNCC (same-contrast pairs); 0 for synthetic cross-contrast
+    similarity: float = 1.0    # the image similarity term (TrainConfig.similarity)
     dice: float = 1.0          # soft Dice of warped one-hot labels, when labels exist
     smoothness: float = 1.0    # diffusion regulariser on the velocity field (voxels^2)
     folding: float = 10.0      # hinge on J <= 0 of the displacement
@@ -62,6 +62,9 @@ class TrainConfig:
     max_consecutive_skips: int = 10
     checkpoint_every: int = 50
     lncc_window: int = 9
+    #: "lncc" (training: counts only where both images share a contrast), or a contrast-free
+    #: measure for any pair: "mind" (MIND-SSC descriptors, squared difference) or "ngf".
+    similarity: str = "lncc"
     seed: int = 0
     weights: LossWeights = field(default_factory=LossWeights)
 
@@ -81,21 +84,50 @@ def one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
     return F.one_hot(labels[:, 0].long(), classes).permute(0, 4, 1, 2, 3)[:, 1:].float()
 
 
+SIMILARITIES = ("lncc", "mind", "ngf")
+
+
+def similarity_loss(name: str, batch: dict, disp: torch.Tensor, lncc_window: int = 9
+                    ) -> torch.Tensor:
+    """Per-item (N,) dissimilarity of ``batch``'s fixed image and its moving image warped by
+    ``disp``, within ``fixed_mask`` if the batch has one.
+
+    "mind" warps the moving image's MIND-SSC descriptors (``batch["descriptors"]``, the fixed
+    and moving ones, when the caller computed them once; else they are computed here), with
+    border padding as for fields: descriptors describe structure, and outside the image there is
+    none to invent.
+    """
+    fixed, moving, mask = batch["fixed"], batch["moving"], batch.get("fixed_mask")
+    if name == "lncc":
+        return losses.lncc_loss(fixed, diffeo.warp(moving, disp), lncc_window, mask,
+                                per_item=True)
+    if name == "ngf":
+        return losses.ngf_loss(fixed, diffeo.warp(moving, disp), mask, per_item=True)
+    if name == "mind":
+        fixed_d, moving_d = batch.get("descriptors") or (losses.mind_ssc(fixed),
+                                                         losses.mind_ssc(moving))
+        return losses.descriptor_loss(fixed_d, diffeo.warp(moving_d, disp, padding_mode="border"),
+                                      mask, per_item=True)
+    raise ValueError(f"unknown similarity {name!r}; use one of {', '.join(SIMILARITIES)}")
+
+
 def registration_loss(velocity: torch.Tensor, batch: dict, weights: LossWeights,
                       squarings: int = diffeo.MIN_SQUARINGS, lncc_window: int = 9,
-                      estimates=()) -> tuple[torch.Tensor, dict]:
+                      estimates=(), similarity: str = "lncc") -> tuple[torch.Tensor, dict]:
     """Total loss and its terms for a velocity field (fp32, outside autocast).
 
     ``batch`` holds ``fixed``/``moving`` (N, 1, I, J, K) and optionally ``fixed_labels``/
     ``moving_labels`` (int, 0 = background, with ``num_labels``), ``fixed_mask`` and
-    ``same_contrast`` ((N,) bool: LNCC counts only for those items, since it means nothing
-    between different contrasts).  Folding is penalised on the displacement at the velocity's
-    resolution, where it arises.  ``estimates``: the network's (level, velocity) after each level
-    (``model(..., every_level=True)``), each scored by Dice at its own level (``weights.levels``).
+    ``same_contrast`` ((N,) bool: the similarity counts only for those items; LNCC means
+    nothing between different contrasts).  ``similarity`` names the measure
+    (:func:`similarity_loss`); its term is reported under that name.  Folding is penalised on the
+    displacement at the velocity's resolution, where it arises.  ``estimates``: the network's
+    (level, velocity) after each level (``model(..., every_level=True)``), each scored by Dice at
+    its own level (``weights.levels``).
     """
     with torch.autocast(device_type=velocity.device.type, enabled=False):
         velocity = velocity.float()
-        fixed, moving = batch["fixed"], batch["moving"]
+        fixed = batch["fixed"]
         coarse = diffeo.integrate_velocity(velocity, squarings)
         disp = diffeo.resize_field(coarse, fixed.shape[2:])
         terms = {}
@@ -104,10 +136,8 @@ def registration_loss(velocity: torch.Tensor, batch: dict, weights: LossWeights,
         use = (torch.ones(fixed.shape[0], device=fixed.device) if same is None
                else torch.as_tensor(same, device=fixed.device).float().view(-1))
         if weights.similarity and bool(use.any()):
-            warped = diffeo.warp(moving, disp)
-            per_item = losses.lncc_loss(fixed, warped, lncc_window, batch.get("fixed_mask"),
-                                        per_item=True)
-            terms["lncc"] = (per_item * use).sum() / use.sum()
+            per_item = similarity_loss(similarity, batch, disp, lncc_window)
+            terms[similarity] = (per_item * use).sum() / use.sum()
             total = total + weights.similarity * (per_item * use).mean()
         if batch.get("fixed_labels") is not None and (weights.dice or weights.levels):
             k = int(batch["num_labels"])
@@ -280,7 +310,7 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
                                  **({"every_level": True} if deep else {}))
         velocity, estimates = velocity if deep else (velocity, ())
         loss, terms = registration_loss(velocity, batch, config.weights, core.squarings,
-                                        config.lncc_window, estimates)
+                                        config.lncc_window, estimates, config.similarity)
         grad_norm = float("nan")
         applied = False
         if _all_finite(bool(torch.isfinite(loss)), device):
@@ -426,19 +456,77 @@ def finetune(pairs: Sequence, output, *, steps: int = 200, weights=None, device=
 # ---- instance optimisation (register --iterations N) ---------------------------------------
 #: Instance optimisation moves a velocity field in voxels, not network weights: its own lr.
 INSTANCE_LR = 0.05
+#: Its similarity, one for every pair whatever the contrasts: MIND-SSC descriptors compared by
+#: their squared difference.  Chosen by measurement on the validation pairs, same- and
+#: cross-contrast (README, "Accurate mode"): LNCC pulls structures the wrong way across contrasts.
+INSTANCE_SIMILARITY = "mind"
+
+
+@dataclass
+class InstanceOutcome:
+    """What instance optimisation returns: the velocity to use and what happened.
+
+    ``kept`` is "optimised", or "network" when the optimisation made its own similarity worse
+    or folded the map where the network had not: then ``velocity`` is the network's own and
+    ``reason`` says why, so Accurate never ends below Fast by its own measure.
+    """
+    velocity: torch.Tensor
+    state: RunState
+    similarity: str
+    before: float                # dissimilarity of the network's answer (lower is better)
+    after: float                 # of the optimised answer
+    folded_voxels: tuple         # voxels with J <= 0: (network, optimised)
+    kept: str
+    reason: Optional[str] = None
+
+    def summary(self) -> dict:
+        """summary.json's ``instance_optimisation`` record."""
+        return {"steps": self.state.step, "skipped": self.state.skipped,
+                "clipped": self.state.clipped, "similarity": self.similarity,
+                "dissimilarity_before": round(self.before, 6),
+                "dissimilarity_after": round(self.after, 6),
+                "folded_voxels": {"network": self.folded_voxels[0],
+                                  "optimised": self.folded_voxels[1]},
+                "kept": self.kept, "reason": self.reason}
+
+
+def _judge(velocity: torch.Tensor, batch: dict, similarity: str, squarings: int):
+    """(dissimilarity, voxels with J <= 0) of a velocity on the pair, as the loop measures them."""
+    coarse = diffeo.integrate_velocity(velocity.float(), squarings)
+    disp = diffeo.resize_field(coarse, batch["fixed"].shape[2:])
+    return (float(similarity_loss(similarity, batch, disp).mean()),
+            int((diffeo.jacobian_determinant(coarse) <= 0).sum()))
 
 
 def instance_optimise(velocity: torch.Tensor, pair, iterations: int, *,
                       squarings: int = diffeo.MIN_SQUARINGS, regularisation: float = 1.0,
-                      lr: float = INSTANCE_LR, device="cpu", progress=None, cancel=None):
-    """Refine one pair's velocity field for ``iterations`` steps of the stabilised loop (LNCC);
-    ``regularisation`` weighs the diffusion (smoothness) term."""
+                      lr: float = INSTANCE_LR, similarity: str = INSTANCE_SIMILARITY, device="cpu",
+                      progress=None, cancel=None) -> InstanceOutcome:
+    """Refine one pair's velocity field for ``iterations`` steps of the stabilised loop;
+    ``regularisation`` weighs the diffusion (smoothness) term.  The network's answer is kept
+    (and the outcome says why) if the result is less similar or folds more (:class:`InstanceOutcome`)."""
     trainable = InstanceVelocity(velocity, squarings)
     batch = {"fixed": pair.fixed, "moving": pair.moving, "fixed_mask": pair.fixed_mask}
+    if similarity == "mind":  # the descriptors do not change: make them once
+        with torch.no_grad():
+            batch["descriptors"] = (losses.mind_ssc(pair.fixed), losses.mind_ssc(pair.moving))
     config = TrainConfig(steps=iterations, lr=lr, checkpoint_every=0, lncc_window=7,
+                         similarity=similarity,
                          weights=LossWeights(similarity=1.0, dice=0.0, smoothness=regularisation,
                                              folding=10.0))
     state = run(trainable, lambda step: batch, config, device=device, progress=progress,
                 cancel=cancel, stage="instance")
     with torch.no_grad():
-        return trainable().detach(), state
+        refined = trainable().detach()
+        before, network_folds = _judge(trainable.base, batch, similarity, squarings)
+        after, refined_folds = _judge(refined, batch, similarity, squarings)
+    reason = None
+    if refined_folds > network_folds:
+        reason = (f"the optimisation folded the map ({refined_folds} voxels with J <= 0, the "
+                  f"network's {network_folds})")
+    elif after > before:
+        reason = (f"the optimisation made the {similarity} dissimilarity worse ({after:.4f}, "
+                  f"the network's {before:.4f})")
+    return InstanceOutcome(refined if reason is None else trainable.base.detach().clone(), state,
+                           similarity, before, after, (network_folds, refined_folds),
+                           "optimised" if reason is None else "network", reason)
