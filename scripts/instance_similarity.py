@@ -68,13 +68,17 @@ def main(argv=None) -> int:
         for pair in validation.make_pairs(bundle, args.pairs):
             pairs.append((pair, model(pair["fixed"], pair["moving"])))
     groups = [p["group"] for p, _ in pairs]
+    agreement = [train.contrast_agreement(p["fixed"], p["moving"], v, model.squarings)
+                 for p, v in pairs]
     baseline = {"identity": [validation.pair_dice(p, None, model.squarings) for p, _ in pairs],
                 "fast": [validation.pair_dice(p, v, model.squarings) for p, v in pairs]}
     report = {"machine": machine(), "weights": checkpoint.model_summary(info),
               "steps": args.steps,
               "pairs": [{"group": p["group"], "names": list(p["names"]),
-                         "contrasts": list(p["contrasts"]), "identity": i, "fast": f}
-                        for (p, _), i, f in zip(pairs, baseline["identity"], baseline["fast"])],
+                         "contrasts": list(p["contrasts"]), "identity": i, "fast": f,
+                         "contrast_agreement": a}
+                        for (p, _), i, f, a in zip(pairs, baseline["identity"], baseline["fast"],
+                                                   agreement)],
               "identity": validation.summarise(groups, baseline["identity"]),
               "fast": validation.summarise(groups, baseline["fast"]), "settings": {}}
     print("identity", report["identity"], "\nfast", report["fast"], flush=True)

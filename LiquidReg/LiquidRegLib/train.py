@@ -490,6 +490,17 @@ class InstanceOutcome:
                 "kept": self.kept, "reason": self.reason}
 
 
+def contrast_agreement(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.Tensor,
+                       squarings: int = diffeo.MIN_SQUARINGS, mask=None) -> float:
+    """Mean local NCC (7^3) of ``fixed`` and ``moving`` warped by ``velocity``: near 1 where the
+    two images share a contrast and are aligned, near 0 or below across contrasts (T2 against
+    T1 is locally an inverted T1)."""
+    with torch.no_grad():
+        disp = diffeo.resize_field(diffeo.integrate_velocity(velocity.float(), squarings),
+                                   fixed.shape[2:])
+        return 1.0 - float(losses.lncc_loss(fixed, diffeo.warp(moving, disp), 7, mask))
+
+
 def _judge(velocity: torch.Tensor, batch: dict, similarity: str, squarings: int):
     """(dissimilarity, voxels with J <= 0) of a velocity on the pair, as the loop measures them."""
     coarse = diffeo.integrate_velocity(velocity.float(), squarings)
