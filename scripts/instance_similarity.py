@@ -32,14 +32,16 @@ from liquidreg_tools.data import validation
 from liquidreg_tools.measure import machine, write_report
 
 
-def measure(model, pairs, similarity: str, regularisation: float, steps: int) -> list[dict]:
+def measure(model, pairs, similarity: str, regularisation: float, steps: int,
+            level: int = train.INSTANCE_DESCRIPTOR_LEVEL) -> list[dict]:
     """Accurate mode from the network's velocity on every pair: Dice, outcome, time per step."""
     rows = []
     for pair, velocity in pairs:
         working = types.SimpleNamespace(fixed=pair["fixed"], moving=pair["moving"], fixed_mask=None)
         wall, cpu = time.perf_counter(), time.process_time()
         outcome = train.instance_optimise(velocity, working, steps, squarings=model.squarings,
-                                          regularisation=regularisation, similarity=similarity)
+                                          regularisation=regularisation, similarity=similarity,
+                                          descriptor_level=level)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         rows.append({"dice": validation.pair_dice(pair, outcome.velocity, model.squarings),
                      "kept": outcome.kept, "reason": outcome.reason,
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10,
                         help="instance-optimisation steps (Accurate mode's own count)")
     parser.add_argument("--settings", nargs="+", default=["lncc:1", "mind:1", "ngf:1"],
-                        help="similarity:regularisation settings to compare")
+                        help="similarity:regularisation[:descriptor level] settings to compare")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -83,8 +85,9 @@ def main(argv=None) -> int:
               "fast": validation.summarise(groups, baseline["fast"]), "settings": {}}
     print("identity", report["identity"], "\nfast", report["fast"], flush=True)
     for setting in args.settings:
-        similarity, regularisation = setting.split(":")
-        rows = measure(model, pairs, similarity, float(regularisation), args.steps)
+        similarity, regularisation, *level = setting.split(":")
+        rows = measure(model, pairs, similarity, float(regularisation), args.steps,
+                       *[int(v) for v in level])
         dice = [r["dice"] for r in rows]
         report["settings"][setting] = {
             **validation.summarise(groups, dice),
@@ -106,7 +109,9 @@ def markdown(report: dict) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores; load average at start "
              f"{', '.join(f'{v:.1f}' for v in m['load_average_at_start'])}.  "
              f"{report['steps']} steps from the network's answer ({report['weights']['name']} "
-             f"v{report['weights']['version']}); hard Dice over every shared label; "
+             f"v{report['weights']['version']}); hard Dice over every shared label; MIND-SSC "
+             f"compared on pyramid level {train.INSTANCE_DESCRIPTOR_LEVEL} unless a setting "
+             "names its own (similarity:regularisation:level); "
              f"{len(report['pairs'])} pairs ("
              + ", ".join(f"{g}: {sum(p['group'] == g for p in report['pairs'])}" for g in groups)
              + ").", "",
