@@ -469,6 +469,12 @@ INSTANCE_SIMILARITY = "mind"
 #: The pyramid level on which its descriptors are compared (1: 4 mm, the correction's own
 #: resolution), measured against level 0 (README, "Accurate mode").
 INSTANCE_DESCRIPTOR_LEVEL = 1
+#: LNCC's window in instance optimisation.
+INSTANCE_LNCC_WINDOW = 7
+#: ``similarity="auto"``: LNCC where the pair shares a contrast, recognised by the mean LNCC of
+#: the fixed image and the network's warped moving image (:func:`contrast_agreement`) reaching
+#: this value; MIND-SSC otherwise.
+SAME_CONTRAST_AGREEMENT = 0.2
 
 
 @dataclass
@@ -481,17 +487,23 @@ class InstanceOutcome:
     """
     velocity: torch.Tensor
     state: RunState
-    similarity: str
+    similarity: str              # the measure optimised ("lncc" or "mind")
     before: float                # dissimilarity of the network's answer (lower is better)
     after: float                 # of the optimised answer
     folded_voxels: tuple         # voxels with J <= 0: (network, optimised)
     kept: str
     reason: Optional[str] = None
+    contrast_agreement: Optional[float] = None   # what "auto" chose by, if it chose
 
     def summary(self) -> dict:
         """summary.json's ``instance_optimisation`` record."""
+        chosen = None if self.contrast_agreement is None else {
+            "rule": "auto: lncc if the contrast agreement reaches the threshold, else mind",
+            "contrast_agreement": round(self.contrast_agreement, 4),
+            "threshold": SAME_CONTRAST_AGREEMENT}
         return {"steps": self.state.step, "skipped": self.state.skipped,
                 "clipped": self.state.clipped, "similarity": self.similarity,
+                "similarity_choice": chosen,
                 "dissimilarity_before": round(self.before, 6),
                 "dissimilarity_after": round(self.after, 6),
                 "folded_voxels": {"network": self.folded_voxels[0],
@@ -514,7 +526,7 @@ def _judge(velocity: torch.Tensor, batch: dict, similarity: str, squarings: int)
     """(dissimilarity, voxels with J <= 0) of a velocity on the pair, as the loop measures them."""
     coarse = diffeo.integrate_velocity(velocity.float(), squarings)
     disp = diffeo.resize_field(coarse, batch["fixed"].shape[2:])
-    return (float(similarity_loss(similarity, batch, disp).mean()),
+    return (float(similarity_loss(similarity, batch, disp, INSTANCE_LNCC_WINDOW).mean()),
             int((diffeo.jacobian_determinant(coarse) <= 0).sum()))
 
 
@@ -526,6 +538,11 @@ def instance_optimise(velocity: torch.Tensor, pair, iterations: int, *,
     """Refine one pair's velocity field for ``iterations`` steps of the stabilised loop;
     ``regularisation`` weighs the diffusion (smoothness) term.  The network's answer is kept
     (and the outcome says why) if the result is less similar or folds more (:class:`InstanceOutcome`)."""
+    agreement = None
+    if similarity == "auto":
+        agreement = contrast_agreement(pair.fixed, pair.moving, velocity, squarings,
+                                       pair.fixed_mask)
+        similarity = "lncc" if agreement >= SAME_CONTRAST_AGREEMENT else "mind"
     trainable = InstanceVelocity(velocity, squarings)
     batch = {"fixed": pair.fixed, "moving": pair.moving, "fixed_mask": pair.fixed_mask}
     if similarity == "mind":  # the descriptors do not change: make them once
@@ -533,7 +550,8 @@ def instance_optimise(velocity: torch.Tensor, pair, iterations: int, *,
             batch["descriptors"] = tuple(pool_to_level(losses.mind_ssc(image), descriptor_level)
                                          for image in (pair.fixed, pair.moving))
         batch["descriptor_level"] = descriptor_level
-    config = TrainConfig(steps=iterations, lr=lr, checkpoint_every=0, lncc_window=7,
+    config = TrainConfig(steps=iterations, lr=lr, checkpoint_every=0,
+                         lncc_window=INSTANCE_LNCC_WINDOW,
                          similarity=similarity,
                          weights=LossWeights(similarity=1.0, dice=0.0, smoothness=regularisation,
                                              folding=10.0))
@@ -552,4 +570,4 @@ def instance_optimise(velocity: torch.Tensor, pair, iterations: int, *,
                   f"the network's {before:.4f})")
     return InstanceOutcome(refined if reason is None else trainable.base.detach().clone(), state,
                            similarity, before, after, (network_folds, refined_folds),
-                           "optimised" if reason is None else "network", reason)
+                           "optimised" if reason is None else "network", reason, agreement)

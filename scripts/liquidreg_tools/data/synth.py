@@ -210,28 +210,36 @@ def augment_image(image: torch.Tensor, generator: torch.Generator,
 
 
 # ---- MRI contrasts -----------------------------------------------------------------------------
-#: Typical intensity of each coarse structure, relative to the brightest, per MRI contrast.
-#: T1: white matter brightest, fluid darkest.
-T1_LIKE = {2: 0.85, 41: 0.85, 7: 0.8, 46: 0.8, 3: 0.5, 42: 0.5, 8: 0.55, 47: 0.55,
-           10: 0.7, 49: 0.7, 11: 0.6, 50: 0.6, 12: 0.65, 51: 0.65, 13: 0.75, 52: 0.75,
-           17: 0.5, 53: 0.5, 18: 0.5, 54: 0.5, 26: 0.6, 58: 0.6, 28: 0.75, 60: 0.75, 16: 0.75,
-           4: 0.1, 43: 0.1, 14: 0.1, 15: 0.1, 24: 0.1}
-#: T2: fluid brightest, grey over white matter (inverted), the iron-rich pallidum dark.
-T2_LIKE = {2: 0.3, 41: 0.3, 7: 0.3, 46: 0.3, 3: 0.55, 42: 0.55, 8: 0.55, 47: 0.55,
-           10: 0.42, 49: 0.42, 11: 0.55, 50: 0.55, 12: 0.48, 51: 0.48, 13: 0.3, 52: 0.3,
-           17: 0.6, 53: 0.6, 18: 0.58, 54: 0.58, 26: 0.52, 58: 0.52, 28: 0.35, 60: 0.35, 16: 0.35,
-           4: 1.0, 43: 1.0, 14: 1.0, 15: 1.0, 24: 1.0}
-#: Proton density: low contrast, grey over white matter, fluid bright.
-PD_LIKE = {2: 0.62, 41: 0.62, 7: 0.62, 46: 0.62, 3: 0.78, 42: 0.78, 8: 0.78, 47: 0.78,
-           10: 0.72, 49: 0.72, 11: 0.78, 50: 0.78, 12: 0.75, 51: 0.75, 13: 0.66, 52: 0.66,
-           17: 0.8, 53: 0.8, 18: 0.8, 54: 0.8, 26: 0.76, 58: 0.76, 28: 0.66, 60: 0.66, 16: 0.66,
-           4: 0.95, 43: 0.95, 14: 0.95, 15: 0.95, 24: 0.95}
-#: FLAIR: a T2 whose fluid is suppressed (dark); grey over white matter.
-FLAIR_LIKE = {2: 0.45, 41: 0.45, 7: 0.45, 46: 0.45, 3: 0.7, 42: 0.7, 8: 0.68, 47: 0.68,
-              10: 0.58, 49: 0.58, 11: 0.68, 50: 0.68, 12: 0.62, 51: 0.62, 13: 0.48, 52: 0.48,
-              17: 0.75, 53: 0.75, 18: 0.72, 54: 0.72, 26: 0.66, 58: 0.66, 28: 0.5, 60: 0.5,
-              16: 0.5, 4: 0.08, 43: 0.08, 14: 0.08, 15: 0.08, 24: 0.08}
-CONTRASTS = {"t1": T1_LIKE, "t2": T2_LIKE, "pd": PD_LIKE, "flair": FLAIR_LIKE}
+#: Coarse structures (shared-scheme ids, left and right) grouped by how they look.
+_STRUCTURES = {"white matter": (2, 41), "cerebellar white matter": (7, 46), "cortex": (3, 42),
+               "cerebellar cortex": (8, 47), "thalamus": (10, 49), "caudate": (11, 50),
+               "putamen": (12, 51), "pallidum": (13, 52), "hippocampus": (17, 53),
+               "amygdala": (18, 54), "accumbens": (26, 58), "ventral DC": (28, 60),
+               "brainstem": (16,), "fluid": (4, 43, 14, 15, 24)}
+#: Typical intensity of each, relative to the brightest tissue, in T1, T2, PD and FLAIR scans.
+#: T1: white matter brightest, fluid darkest.  T2: fluid brightest, grey over white matter,
+#: the iron-rich pallidum dark.  PD: low contrast, grey over white matter, fluid bright.
+#: FLAIR: a T2 whose fluid is suppressed (dark).
+_INTENSITIES = {                 # T1    T2    PD    FLAIR
+    "white matter":             (0.85, 0.30, 0.62, 0.45),
+    "cerebellar white matter":  (0.80, 0.30, 0.62, 0.45),
+    "cortex":                   (0.50, 0.55, 0.78, 0.70),
+    "cerebellar cortex":        (0.55, 0.55, 0.78, 0.68),
+    "thalamus":                 (0.70, 0.42, 0.72, 0.58),
+    "caudate":                  (0.60, 0.55, 0.78, 0.68),
+    "putamen":                  (0.65, 0.48, 0.75, 0.62),
+    "pallidum":                 (0.75, 0.30, 0.66, 0.48),
+    "hippocampus":              (0.50, 0.60, 0.80, 0.75),
+    "amygdala":                 (0.50, 0.58, 0.80, 0.72),
+    "accumbens":                (0.60, 0.52, 0.76, 0.66),
+    "ventral DC":               (0.75, 0.35, 0.66, 0.50),
+    "brainstem":                (0.75, 0.35, 0.66, 0.50),
+    "fluid":                    (0.10, 1.00, 0.95, 0.08),
+}
+#: Each MRI contrast as {shared-scheme id: typical intensity}.
+CONTRASTS = {contrast: {label: values[column] for name, values in _INTENSITIES.items()
+                        for label in _STRUCTURES[name]}
+             for column, contrast in enumerate(("t1", "t2", "pd", "flair"))}
 
 
 def contrast_table(contrast: str = "t1", device=None) -> torch.Tensor:
