@@ -226,6 +226,23 @@ def test_benchmark_pairs_are_the_held_out_subjects_with_templates_fixed():
     assert benchmark_pairs(manifest) == [("t", "d1"), ("t", "d2"), ("d1", "d2")]
 
 
+def test_benchmark_crosses_contrasts_with_rendered_individuals_onto_template_t1s():
+    from benchmark import benchmark_pairs_by_group
+
+    entries = {"t": {"kind": "template", "files": {"t1": "t_t1.nii.gz"}},
+               "d1": {"kind": "individual", "files": {"t1_synth": "d1_t1synth.nii.gz"}},
+               "d2": {"kind": "individual", "files": {"t1_synth": "d2_t1synth.nii.gz"}}}
+    pairs = benchmark_pairs_by_group(entries, [("t", "d1"), ("t", "d2"), ("d1", "d2")])
+    same = [(p["fixed"], p["moving"]) for p in pairs if p["group"] == "same"]
+    assert same == [("t", "d1"), ("t", "d2"), ("d1", "d2")]
+    assert all(p["fixed_contrast"] == p["moving_contrast"] == "t1" for p in pairs
+               if p["group"] == "same")
+    cross = [(p["fixed"], p["fixed_contrast"], p["moving"], p["moving_contrast"]) for p in pairs
+             if p["group"] == "cross"]
+    assert cross == [("t", "t1", "d1", "t2"), ("t", "t1", "d1", "pd"),
+                     ("t", "t1", "d2", "t2"), ("t", "t1", "d2", "pd")]
+
+
 # ---- deformations ----------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_deformations_are_diffeomorphic_and_not_trivial(seed):
