@@ -87,13 +87,10 @@ def dissimilarities(name, fixed, moving, shifts=range(4)):
 
 
 def test_instance_similarity_ignores_a_monotone_remapping_of_one_image():
-    """MIND-SSC (Accurate mode's similarity) scores a pair the same when one image's intensities
+    """MIND-SSC (Accurate mode's similarity across contrasts) scores a pair the same when one image's intensities
     are remapped by a monotone, non-linear function, increasing or decreasing: over misalignments
     of 0-3 voxels its curve keeps its minimum at the alignment and its values to 15 % of its
     range.  LNCC, the check's control, loses its minimum when the contrast is inverted."""
-    from LiquidRegLib.train import INSTANCE_SIMILARITY
-
-    assert INSTANCE_SIMILARITY == "mind"
     image = smooth_volume(0)
     base = dissimilarities("mind", image, image)
     for name, remap in REMAPPINGS.items():
@@ -131,3 +128,17 @@ def test_contrast_free_similarities_are_computed_in_fp32_under_autocast():
         assert losses.mind_ssc(a.bfloat16()).dtype == torch.float32
         assert losses.ngf_loss(a, a.bfloat16()).dtype == torch.float32
         assert losses.descriptor_loss(a.bfloat16(), a).dtype == torch.float32
+
+
+def test_auto_similarity_takes_lncc_within_a_contrast_and_mind_across_contrasts():
+    """Accurate mode's automatic choice: the contrast agreement (mean LNCC after the network) is
+    high for two images of one contrast and negative for an inverted one."""
+    from LiquidRegLib import train
+
+    fixed = smooth_volume(4)
+    moving = torch.roll(fixed, 1, dims=2)
+    still = torch.zeros(1, 3, *fixed.shape[2:])
+    same = train.contrast_agreement(fixed, REMAPPINGS["gamma"](moving), still)
+    crossed = train.contrast_agreement(fixed, REMAPPINGS["inverted"](moving), still)
+    assert same >= train.SAME_CONTRAST_AGREEMENT > crossed, (same, crossed)
+    assert crossed < 0

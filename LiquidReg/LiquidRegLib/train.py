@@ -84,7 +84,7 @@ def one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
     return F.one_hot(labels[:, 0].long(), classes).permute(0, 4, 1, 2, 3)[:, 1:].float()
 
 
-SIMILARITIES = ("lncc", "mind", "ngf")
+SIMILARITIES = ("lncc", "mind", "ngf")  # instance optimisation also takes "auto"
 
 
 def similarity_loss(name: str, batch: dict, disp: torch.Tensor, lncc_window: int = 9
@@ -462,13 +462,15 @@ def finetune(pairs: Sequence, output, *, steps: int = 200, weights=None, device=
 # ---- instance optimisation (register --iterations N) ---------------------------------------
 #: Instance optimisation moves a velocity field in voxels, not network weights: its own lr.
 INSTANCE_LR = 0.05
-#: Its similarity, one for every pair whatever the contrasts: MIND-SSC descriptors compared by
-#: their squared difference.  Chosen by measurement on the validation pairs, same- and
-#: cross-contrast (README, "Accurate mode"): LNCC pulls structures the wrong way across contrasts.
-INSTANCE_SIMILARITY = "mind"
-#: The pyramid level on which its descriptors are compared (1: 4 mm, the correction's own
-#: resolution), measured against level 0 (README, "Accurate mode").
-INSTANCE_DESCRIPTOR_LEVEL = 1
+#: Its similarity: "auto" chooses per pair between LNCC (one contrast) and MIND-SSC descriptors
+#: compared by their squared difference (different contrasts: LNCC pulls structures the wrong
+#: way there).  Chosen by measurement on the validation pairs, same- and cross-contrast
+#: (``scripts/instance_similarity.py``; README, "Accurate mode").
+INSTANCE_SIMILARITY = "auto"
+#: The pyramid level on which its descriptors are compared: 0, the 2 mm working grid.  Level 1
+#: (4 mm, the correction's own resolution) was measured too: lower validation Dice, and hardly
+#: cheaper, since scaling and squaring at 2 mm dominates a step (README, "Accurate mode").
+INSTANCE_DESCRIPTOR_LEVEL = 0
 #: LNCC's window in instance optimisation.
 INSTANCE_LNCC_WINDOW = 7
 #: ``similarity="auto"``: LNCC where the pair shares a contrast, recognised by the mean LNCC of
