@@ -188,3 +188,12 @@ def small_brain(kind: str, extent_mm=(112, 128, 112), spacing=2.0):
 def small_brain_pair():
     """(fixed_t1, fixed_labels, moving_t1, moving_labels) as io.Volume, 2 mm, cropped."""
     return small_brain("fixed") + small_brain("moving")
+
+
+def mean_dice(a, b) -> float:
+    """Mean Dice over the labels (> 0) that both label arrays hold."""
+    scores = []
+    for label in np.intersect1d(np.unique(a[a > 0]), np.unique(b[b > 0])):
+        x, y = a == label, b == label
+        scores.append(2 * np.logical_and(x, y).sum() / (x.sum() + y.sum()))
+    return float(np.mean(scores))

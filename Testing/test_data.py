@@ -5,6 +5,8 @@ checks of the shipped sample pair.
 """
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -197,15 +199,15 @@ def test_real_image_augmentation_is_deterministic_and_in_range():
 
 
 def test_t1_like_image_orders_tissues_like_a_t1():
-    from liquidreg_tools.data.synth import t1_like
+    from liquidreg_tools.data.synth import rendering
 
     from scipy import ndimage
 
     labels = toy_brain((80, 96, 80))
     labels[labels == 3] = 1028  # parcels are cortex
-    image = t1_like(labels)
+    image = rendering(labels, "t1")
     assert image.dtype == np.float32 and image.shape == labels.shape
-    assert np.array_equal(image, t1_like(labels))
+    assert np.array_equal(image, rendering(labels, "t1"))
     # Away from edges (the image is blurred by one voxel).
     core = {name: np.median(image[ndimage.binary_erosion(labels == lab)])
             for name, lab in
@@ -222,6 +224,23 @@ def test_benchmark_pairs_are_the_held_out_subjects_with_templates_fixed():
         "d1": {"name": "d1", "kind": "individual", "split": "test"},
         "tr": {"name": "tr", "kind": "template", "split": "train"}}}
     assert benchmark_pairs(manifest) == [("t", "d1"), ("t", "d2"), ("d1", "d2")]
+
+
+def test_benchmark_crosses_contrasts_with_rendered_individuals_onto_template_t1s():
+    from benchmark import benchmark_pairs_by_group
+
+    entries = {"t": {"kind": "template", "files": {"t1": "t_t1.nii.gz"}},
+               "d1": {"kind": "individual", "files": {"t1_synth": "d1_t1synth.nii.gz"}},
+               "d2": {"kind": "individual", "files": {"t1_synth": "d2_t1synth.nii.gz"}}}
+    pairs = benchmark_pairs_by_group(entries, [("t", "d1"), ("t", "d2"), ("d1", "d2")])
+    same = [(p["fixed"], p["moving"]) for p in pairs if p["group"] == "same"]
+    assert same == [("t", "d1"), ("t", "d2"), ("d1", "d2")]
+    assert all(p["fixed_contrast"] == p["moving_contrast"] == "t1" for p in pairs
+               if p["group"] == "same")
+    cross = [(p["fixed"], p["fixed_contrast"], p["moving"], p["moving_contrast"]) for p in pairs
+             if p["group"] == "cross"]
+    assert cross == [("t", "t1", "d1", "t2"), ("t", "t1", "d1", "pd"),
+                     ("t", "t1", "d2", "t2"), ("t", "t1", "d2", "pd")]
 
 
 # ---- deformations ----------------------------------------------------------------------------
@@ -350,32 +369,141 @@ def test_real_image_and_labels_are_warped_by_the_same_deformation():
 
 def test_images_show_coarse_structures_not_parcel_boundaries():
     """Real scans never show where one cortical parcel ends and the next begins: synthesised
-    images give every parcel of a hemisphere's cortex the same intensity."""
-    sampler = PairSampler(toy_bundle(), config=PairConfig(shapes_prob=0.0, real_image_prob=0.0,
-                                                          t1_like_prob=0.0), synth=QUIET)
-    for seed in range(4):
-        item = sampler.sample_pair(torch.Generator().manual_seed(seed))
-        if "c" in item["names"]:
-            continue
-        image, labels = item["fixed"][0, 0], item["fixed_labels"][0, 0]
-        level, ids = B.shared(sampler.bundle, *item["names"])
-        index = {i: n + 1 for n, i in enumerate(ids)}
-        front, back = image[labels == index[1028]], image[labels == index[1029]]
-        assert front.numel() > 50 and back.numel() > 50
-        assert abs(front.median() - back.median()) < 1e-4
+    images give every parcel of a hemisphere's cortex the same intensity, in every contrast."""
+    for contrast in ("random", "t2", "flair"):
+        sampler = PairSampler(toy_bundle(), synth=QUIET, config=PairConfig(
+            shapes_prob=0.0, real_image_prob=0.0, fixed_contrast=contrast))
+        for seed in range(3):
+            item = sampler.sample_pair(torch.Generator().manual_seed(seed))
+            if "c" in item["names"]:
+                continue
+            image, labels = item["fixed"][0, 0], item["fixed_labels"][0, 0]
+            level, ids = B.shared(sampler.bundle, *item["names"])
+            index = {i: n + 1 for n, i in enumerate(ids)}
+            front, back = image[labels == index[1028]], image[labels == index[1029]]
+            assert front.numel() > 50 and back.numel() > 50
+            assert abs(front.median() - back.median()) < 1e-4, contrast
 
 
 def test_same_contrast_flag_matches_the_images():
     shared = PairSampler(toy_bundle(), batch_size=2, synth=QUIET, config=PairConfig(
-        shapes_prob=0.0, same_contrast_prob=1.0, real_image_prob=0.0, t1_like_prob=0.0,
-        identical_prob=0.0))
+        shapes_prob=0.0, cross_contrast_prob=0.0, real_image_prob=0.0, identical_prob=0.0))
     batch = shared.sample(torch.Generator().manual_seed(0))
     assert batch["same_contrast"].tolist() == [True, True]
-    independent = PairSampler(toy_bundle(), batch_size=2, config=PairConfig(
-        shapes_prob=0.0, same_contrast_prob=0.0, real_image_prob=0.0, t1_like_prob=0.0,
-        identical_prob=0.0))
-    assert independent.sample(torch.Generator().manual_seed(0))["same_contrast"].tolist() == [
-        False, False]
+    assert all(f == m for f, m in batch["contrasts"])
+    crossed = PairSampler(toy_bundle(), batch_size=8, config=PairConfig(
+        shapes_prob=0.5, cross_contrast_prob=1.0, identical_prob=0.0))
+    batch = crossed.sample(torch.Generator().manual_seed(0))
+    assert batch["same_contrast"].tolist() == [False] * 8
+    # two random contrasts of a crossed pair are independent draws, any other pair differs
+    assert all(f != m or f == "random" for f, m in batch["contrasts"])
+
+
+def test_at_least_half_of_the_training_pairs_cross_contrasts_and_every_contrast_occurs():
+    sampler = PairSampler(toy_bundle(shape=(16, 20, 16)), batch_size=8)
+    same, seen = [], set()
+    for seed in range(10):
+        batch = sampler.sample(torch.Generator().manual_seed(seed))
+        same += batch["same_contrast"].tolist()
+        seen.update(c for pair in batch["contrasts"] for c in pair)
+    assert 1 - np.mean(same) >= 0.5, np.mean(same)
+    assert seen == {"t1", "t2", "pd", "flair", "random"}
+
+
+def label_means(item: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Mean intensity of each label both images of a pair hold: (fixed, moving)."""
+    labels = [item[f"{side}_labels"][0, 0] for side in ("fixed", "moving")]
+    ids = sorted(set(labels[0].unique().tolist()) & set(labels[1].unique().tolist()) - {0})
+    return tuple(np.array([float(item[side][0, 0][lab == v].mean()) for v in ids])
+                 for side, lab in zip(("fixed", "moving"), labels))
+
+
+def test_random_contrasts_are_independent_per_label_in_the_two_images():
+    """SynthMorph-style pairs: each label draws its own intensity in each image.  Across labels,
+    the fixed and moving intensities of a crossed pair are uncorrelated, while a pair that shares
+    its contrast has them equal (the check that would fail if the two sides shared a draw)."""
+    crossed = PairSampler(toy_bundle(), synth=QUIET, config=PairConfig(
+        shapes_prob=1.0, identical_prob=0.0, cross_contrast_prob=1.0))
+    shared = PairSampler(toy_bundle(), synth=QUIET, config=PairConfig(
+        shapes_prob=1.0, identical_prob=0.0, cross_contrast_prob=0.0))
+    correlations = []
+    for seed in range(6):
+        item = crossed.sample_pair(torch.Generator().manual_seed(seed))
+        f, m = label_means(item)
+        assert len(f) >= 10 and not item["same_contrast"]
+        correlations.append(np.corrcoef(f, m)[0, 1])
+        item = shared.sample_pair(torch.Generator().manual_seed(seed))
+        f, m = label_means(item)
+        assert np.corrcoef(f, m)[0, 1] > 0.95 and item["same_contrast"]
+    assert abs(np.mean(correlations)) < 0.25 and max(np.abs(correlations)) < 0.8, correlations
+
+
+def test_mri_contrast_renderings_order_tissues_as_the_scans_do():
+    from scipy import ndimage
+
+    from liquidreg_tools.data.synth import rendering
+
+    labels = toy_brain((80, 96, 80))
+    labels[labels == 3] = 1028  # parcels are cortex
+
+    def core(image):
+        return {name: np.median(image[ndimage.binary_erosion(labels == lab)])
+                for name, lab in (("wm", 2), ("cortex", 1028), ("ventricle", 4))}
+    t1, t2, pd, flair = (core(rendering(labels, c)) for c in ("t1", "t2", "pd", "flair"))
+    assert t1["wm"] > t1["cortex"] > t1["ventricle"]
+    assert t2["ventricle"] > t2["cortex"] > t2["wm"]          # fluid bright, grey over white
+    assert pd["ventricle"] > pd["cortex"] > pd["wm"]
+    assert pd["ventricle"] - pd["wm"] < t2["ventricle"] - t2["wm"]   # PD: low contrast
+    assert flair["cortex"] > flair["wm"] > flair["ventricle"]  # fluid suppressed
+    with pytest.raises(ValueError, match="unknown contrast"):
+        rendering(labels, "dwi")
+
+
+class DeviceReads:
+    """Records every read of a tensor's values on the host (``.item()``, ``bool(t)``,
+    ``nonzero``...: a device synchronisation on a GPU), except reads of draws from a CPU
+    ``torch.Generator`` (the host stream of decisions)."""
+
+    READS = ("_local_scalar_dense", "is_nonzero", "nonzero", "equal", "unique")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        reads = self.reads = []
+        host = self.host = set()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                name = func.__name__.split(".")[0]
+                generator = kwargs.get("generator")
+                source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                if generator is not None and generator.device.type == "cpu":
+                    host.add(id(out))
+                elif name in ("select", "view", "alias", "clone", "_to_copy", "lift_fresh") \
+                        and source is not None and id(source) in host:
+                    host.add(id(out))
+                elif name in DeviceReads.READS and (source is None or id(source) not in host):
+                    reads.append(name)
+                return out
+        self.mode = Mode()
+
+
+def test_making_a_pair_never_reads_from_the_device():
+    """Decisions come from the host generator and the label tables are made once, so making a
+    batch reads no image, label or noise value back (each such read is a GPU synchronisation)."""
+    sampler = PairSampler(toy_bundle(shape=(16, 20, 16)), batch_size=3)
+    with pytest.raises(ValueError, match="CPU torch.Generator"):  # a GPU generator is refused
+        synthesize(as_batch(toy_brain((8, 8, 8))), types.SimpleNamespace(device=torch.device("cuda")))
+    recorder = DeviceReads()
+    with recorder.mode:
+        for seed in range(3):
+            sampler.sample(torch.Generator().manual_seed(seed))
+    # percentile_normalise (preprocess.py, the network's intensity policy) reads its two
+    # percentiles once per image; nothing else may read.
+    assert set(recorder.reads) <= {"_local_scalar_dense"}, recorder.reads
+    assert len(recorder.reads) <= 2 * 2 * 3 * 3, len(recorder.reads)
 
 
 def test_identical_pairs_are_one_image_twice():

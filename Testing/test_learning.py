@@ -27,7 +27,7 @@ def test_a_short_training_run_beats_the_identity_on_held_out_pairs():
     bundle = Bundle(Grid(shape, np.diag([2.0, 2.0, 2.0, 1.0])), ["s"],
                     np.full((1, *shape), 2, np.int16), {}, info)
     sampler = PairSampler(
-        bundle, config=PairConfig(shapes_prob=1.0, identical_prob=0.0, same_contrast_prob=1.0),
+        bundle, config=PairConfig(shapes_prob=1.0, identical_prob=0.0, cross_contrast_prob=0.0),
         deform=DeformConfig(velocity_std_max=0.0, rotation_deg=0.0, translation_mm=4.0,
                             scale_range=(1.0, 1.0), shear_max=0.0),
         shapes=ShapeConfig(labels=(4, 8), blob_scale=(6, 8)))

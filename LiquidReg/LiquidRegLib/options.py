@@ -21,8 +21,8 @@ from .errors import InputError
 MODES = ("fast", "accurate")
 #: Instance-optimisation steps of Accurate mode, used by ``liquidreg register --mode accurate``
 #: and the Slicer panel: a speed/accuracy setting (not weights), read off the benchmark pairs
-#: (README, "Benchmark"): 5 steps give mean Dice 0.452, 10 steps 0.461, 20 steps 0.462, at about
-#: 1 s a step on 2 cores.
+#: (README, "Benchmark") when Accurate optimised LNCC: 5 steps gave mean Dice 0.452, 10 steps
+#: 0.461, 20 steps 0.462, at about 1 s a step on 2 cores.
 ACCURATE_ITERATIONS = 10
 #: Smoothness weight of instance optimisation (higher: smoother warps).
 DEFAULT_REGULARISATION = 1.0

@@ -113,8 +113,7 @@ def register(fixed, moving, options: RegistrationOptions | None = None, *, fixed
         "warnings": [inputs.coverage["warning"]] if "warning" in inputs.coverage else [],
     }
     if instance is not None:
-        summary["instance_optimisation"] = {"steps": instance.step, "skipped": instance.skipped,
-                                            "clipped": instance.clipped}
+        summary["instance_optimisation"] = instance.summary()
     return RegistrationResult(fixed.grid, moving.grid, out["displacement"],
                               out["inverse_displacement"], out["jacobian"], out["warped"],
                               np.asarray(world_map, dtype=np.float64), summary)
@@ -190,9 +189,12 @@ def _deformable(model, inputs: _Inputs, world_map, dev, options: RegistrationOpt
     instance = None
     if options.steps:
         t = time.perf_counter()
-        velocity, instance = train.instance_optimise(
+        instance = train.instance_optimise(
             velocity, pair, options.steps, squarings=cfg.squarings,
             regularisation=options.regularisation, device=dev, progress=progress, cancel=cancel)
+        velocity = instance.velocity
+        if instance.reason:
+            warnings.warn(f"kept the network's answer (Fast mode's): {instance.reason}")
         timings["instance_optimisation"] = round(time.perf_counter() - t, 3)
     return velocity, pair, wgrid, instance
 

@@ -43,7 +43,7 @@ from .progress import CancelFn, ProgressFn, check, report
 # ---- configuration -------------------------------------------------------------------------
 @dataclass
 class LossWeights:
-    similarity: float = 1.0    # 1 - LNCC (same-contrast pairs); 0 for synthetic cross-contrast
+    similarity: float = 1.0    # the image similarity term (TrainConfig.similarity)
     dice: float = 1.0          # soft Dice of warped one-hot labels, when labels exist
     smoothness: float = 1.0    # diffusion regulariser on the velocity field (voxels^2)
     folding: float = 10.0      # hinge on J <= 0 of the displacement
@@ -63,6 +63,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     log_every: int = 1               # steps per read-back of losses (the loop's one host wait)
     lncc_window: int = 9
+    #: "lncc" (training: counts only where both images share a contrast), or a contrast-free
+    #: measure for any pair: "mind" (MIND-SSC descriptors, squared difference) or "ngf".
+    similarity: str = "lncc"
     seed: int = 0
     weights: LossWeights = field(default_factory=LossWeights)
 
@@ -82,21 +85,56 @@ def one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
     return F.one_hot(labels[:, 0].long(), classes).permute(0, 4, 1, 2, 3)[:, 1:].float()
 
 
+SIMILARITIES = ("lncc", "mind", "ngf")  # instance optimisation also takes "auto"
+
+
+def similarity_loss(name: str, batch: dict, disp: torch.Tensor, lncc_window: int = 9
+                    ) -> torch.Tensor:
+    """Per-item (N,) dissimilarity of ``batch``'s fixed image and its moving image warped by
+    ``disp``, within ``fixed_mask`` if the batch has one.
+
+    "mind" warps the moving image's MIND-SSC descriptors (``batch["descriptors"]``, the fixed
+    and moving ones, when the caller computed them once; else they are computed here), with
+    border padding as for fields: descriptors describe structure, and outside the image there is
+    none to invent.  ``batch["descriptor_level"]`` L > 0 compares them on pyramid level L
+    (descriptors averaged by :func:`pool_to_level`, the field read at voxels 2^L i), 8^L times
+    fewer voxels to warp.
+    """
+    fixed, moving, mask = batch["fixed"], batch["moving"], batch.get("fixed_mask")
+    if name == "lncc":
+        return losses.lncc_loss(fixed, diffeo.warp(moving, disp), lncc_window, mask,
+                                per_item=True)
+    if name == "ngf":
+        return losses.ngf_loss(fixed, diffeo.warp(moving, disp), mask, per_item=True)
+    if name == "mind":
+        level = batch.get("descriptor_level", 0)
+        fixed_d, moving_d = batch.get("descriptors") or (
+            pool_to_level(losses.mind_ssc(fixed), level), pool_to_level(losses.mind_ssc(moving), level))
+        step = 2 ** level
+        disp = disp[:, :, ::step, ::step, ::step] / step
+        mask = None if mask is None else mask[:, :, ::step, ::step, ::step]
+        return losses.descriptor_loss(fixed_d, diffeo.warp(moving_d, disp, padding_mode="border"),
+                                      mask, per_item=True)
+    raise ValueError(f"unknown similarity {name!r}; use one of {', '.join(SIMILARITIES)}")
+
+
 def registration_loss(velocity: torch.Tensor, batch: dict, weights: LossWeights,
                       squarings: int = diffeo.MIN_SQUARINGS, lncc_window: int = 9,
-                      estimates=()) -> tuple[torch.Tensor, dict]:
+                      estimates=(), similarity: str = "lncc") -> tuple[torch.Tensor, dict]:
     """Total loss and its terms for a velocity field (fp32, outside autocast).
 
     ``batch`` holds ``fixed``/``moving`` (N, 1, I, J, K) and optionally ``fixed_labels``/
     ``moving_labels`` (int, 0 = background, with ``num_labels``), ``fixed_mask`` and
-    ``same_contrast`` ((N,) bool: LNCC counts only for those items, since it means nothing
-    between different contrasts).  Folding is penalised on the displacement at the velocity's
-    resolution, where it arises.  ``estimates``: the network's (level, velocity) after each level
-    (``model(..., every_level=True)``), each scored by Dice at its own level (``weights.levels``).
+    ``same_contrast`` ((N,) bool: the similarity counts only for those items; LNCC means
+    nothing between different contrasts).  ``similarity`` names the measure
+    (:func:`similarity_loss`); its term is reported under that name.  Folding is penalised on the
+    displacement at the velocity's resolution, where it arises.  ``estimates``: the network's
+    (level, velocity) after each level (``model(..., every_level=True)``), each scored by Dice at
+    its own level (``weights.levels``).
     """
     with torch.autocast(device_type=velocity.device.type, enabled=False):
         velocity = velocity.float()
-        fixed, moving = batch["fixed"], batch["moving"]
+        fixed = batch["fixed"]
         coarse = diffeo.integrate_velocity(velocity, squarings)
         disp = diffeo.resize_field(coarse, fixed.shape[2:])
         terms = {}
@@ -109,10 +147,8 @@ def registration_loss(velocity: torch.Tensor, batch: dict, weights: LossWeights,
         shared = (same is None or (torch.is_tensor(same) and same.device.type != "cpu")
                   or bool(torch.as_tensor(same).any()))
         if weights.similarity and shared:
-            warped = diffeo.warp(moving, disp)
-            per_item = losses.lncc_loss(fixed, warped, lncc_window, batch.get("fixed_mask"),
-                                        per_item=True)
-            terms["lncc"] = (per_item * use).sum() / use.sum()
+            per_item = similarity_loss(similarity, batch, disp, lncc_window)
+            terms[similarity] = (per_item * use).sum() / use.sum()
             total = total + weights.similarity * (per_item * use).mean()
         if batch.get("fixed_labels") is not None and (weights.dice or weights.levels):
             k = int(batch["num_labels"])
@@ -349,7 +385,7 @@ def run(trainable: nn.Module, batch_for_step: Callable[[int], dict], config: Tra
                                  **({"every_level": True} if deep else {}))
         velocity, estimates = velocity if deep else (velocity, ())
         loss, terms = registration_loss(velocity, batch, config.weights, core.squarings,
-                                        config.lncc_window, estimates)
+                                        config.lncc_window, estimates, config.similarity)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         grad_norm = nn.utils.clip_grad_norm_(params, config.clip_norm)
@@ -479,20 +515,115 @@ def finetune(pairs: Sequence, output, *, steps: int = 200, weights=None, device=
 # ---- instance optimisation (register --iterations N) ---------------------------------------
 #: Instance optimisation moves a velocity field in voxels, not network weights: its own lr.
 INSTANCE_LR = 0.05
+#: Its similarity: "auto" chooses per pair between LNCC (one contrast) and MIND-SSC descriptors
+#: compared by their squared difference (different contrasts: LNCC pulls structures the wrong
+#: way there).  Chosen by measurement on the validation pairs, same- and cross-contrast
+#: (``scripts/instance_similarity.py``; README, "Accurate mode").
+INSTANCE_SIMILARITY = "auto"
+#: The pyramid level on which its descriptors are compared: 0, the 2 mm working grid.  Level 1
+#: (4 mm, the correction's own resolution) was measured too: lower validation Dice, and hardly
+#: cheaper, since scaling and squaring at 2 mm dominates a step (README, "Accurate mode").
+INSTANCE_DESCRIPTOR_LEVEL = 0
+#: LNCC's window in instance optimisation.
+INSTANCE_LNCC_WINDOW = 7
+#: ``similarity="auto"``: LNCC where the pair shares a contrast, recognised by the mean LNCC of
+#: the fixed image and the network's warped moving image (:func:`contrast_agreement`) reaching
+#: this value; MIND-SSC otherwise.
+SAME_CONTRAST_AGREEMENT = 0.2
+
+
+@dataclass
+class InstanceOutcome:
+    """What instance optimisation returns: the velocity to use and what happened.
+
+    ``kept`` is "optimised", or "network" when the optimisation made its own similarity worse
+    or folded the map where the network had not: then ``velocity`` is the network's own and
+    ``reason`` says why, so Accurate never ends below Fast by its own measure.
+    """
+    velocity: torch.Tensor
+    state: RunState
+    similarity: str              # the measure optimised ("lncc" or "mind")
+    before: float                # dissimilarity of the network's answer (lower is better)
+    after: float                 # of the optimised answer
+    folded_voxels: tuple         # voxels with J <= 0: (network, optimised)
+    kept: str
+    reason: Optional[str] = None
+    contrast_agreement: Optional[float] = None   # what "auto" chose by, if it chose
+
+    def summary(self) -> dict:
+        """summary.json's ``instance_optimisation`` record."""
+        chosen = None if self.contrast_agreement is None else {
+            "rule": "auto: lncc if the contrast agreement reaches the threshold, else mind",
+            "contrast_agreement": round(self.contrast_agreement, 4),
+            "threshold": SAME_CONTRAST_AGREEMENT}
+        return {"steps": self.state.step, "skipped": self.state.skipped,
+                "clipped": self.state.clipped, "similarity": self.similarity,
+                "similarity_choice": chosen,
+                "dissimilarity_before": round(self.before, 6),
+                "dissimilarity_after": round(self.after, 6),
+                "folded_voxels": {"network": self.folded_voxels[0],
+                                  "optimised": self.folded_voxels[1]},
+                "kept": self.kept, "reason": self.reason}
+
+
+def contrast_agreement(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.Tensor,
+                       squarings: int = diffeo.MIN_SQUARINGS, mask=None) -> float:
+    """Mean local NCC (7^3) of ``fixed`` and ``moving`` warped by ``velocity``: near 1 where the
+    two images share a contrast and are aligned, near 0 or below across contrasts (T2 against
+    T1 is locally an inverted T1)."""
+    with torch.no_grad():
+        disp = diffeo.resize_field(diffeo.integrate_velocity(velocity.float(), squarings),
+                                   fixed.shape[2:])
+        return 1.0 - float(losses.lncc_loss(fixed, diffeo.warp(moving, disp), 7, mask))
+
+
+def _judge(velocity: torch.Tensor, batch: dict, similarity: str, squarings: int):
+    """(dissimilarity, voxels with J <= 0) of a velocity on the pair, as the loop measures them."""
+    coarse = diffeo.integrate_velocity(velocity.float(), squarings)
+    disp = diffeo.resize_field(coarse, batch["fixed"].shape[2:])
+    return (float(similarity_loss(similarity, batch, disp, INSTANCE_LNCC_WINDOW).mean()),
+            int((diffeo.jacobian_determinant(coarse) <= 0).sum()))
 
 
 def instance_optimise(velocity: torch.Tensor, pair, iterations: int, *,
                       squarings: int = diffeo.MIN_SQUARINGS, regularisation: float = 1.0,
-                      lr: float = INSTANCE_LR, device="cpu", progress=None, cancel=None):
-    """Refine one pair's velocity field for ``iterations`` steps of the stabilised loop (LNCC);
-    ``regularisation`` weighs the diffusion (smoothness) term."""
+                      lr: float = INSTANCE_LR, similarity: str = INSTANCE_SIMILARITY,
+                      descriptor_level: int = INSTANCE_DESCRIPTOR_LEVEL, device="cpu",
+                      progress=None, cancel=None) -> InstanceOutcome:
+    """Refine one pair's velocity field for ``iterations`` steps of the stabilised loop;
+    ``regularisation`` weighs the diffusion (smoothness) term.  The network's answer is kept
+    (and the outcome says why) if the result is less similar or folds more (:class:`InstanceOutcome`)."""
+    agreement = None
+    if similarity == "auto":
+        agreement = contrast_agreement(pair.fixed, pair.moving, velocity, squarings,
+                                       pair.fixed_mask)
+        similarity = "lncc" if agreement >= SAME_CONTRAST_AGREEMENT else "mind"
     trainable = InstanceVelocity(velocity, squarings)
     batch = {"fixed": pair.fixed, "moving": pair.moving, "fixed_mask": pair.fixed_mask}
-    config = TrainConfig(steps=iterations, lr=lr, checkpoint_every=0, lncc_window=7,
+    if similarity == "mind":  # the descriptors do not change: make them once
+        with torch.no_grad():
+            batch["descriptors"] = tuple(pool_to_level(losses.mind_ssc(image), descriptor_level)
+                                         for image in (pair.fixed, pair.moving))
+        batch["descriptor_level"] = descriptor_level
+    config = TrainConfig(steps=iterations, lr=lr, checkpoint_every=0,
                          amp=False,  # float32 work: no autocast, no GradScaler
+                         lncc_window=INSTANCE_LNCC_WINDOW,
+                         similarity=similarity,
                          weights=LossWeights(similarity=1.0, dice=0.0, smoothness=regularisation,
                                              folding=10.0))
     state = run(trainable, lambda step: batch, config, device=device, progress=progress,
                 cancel=cancel, stage="instance")
     with torch.no_grad():
-        return trainable().detach(), state
+        refined = trainable().detach()
+        before, network_folds = _judge(trainable.base, batch, similarity, squarings)
+        after, refined_folds = _judge(refined, batch, similarity, squarings)
+    reason = None
+    if refined_folds > network_folds:
+        reason = (f"the optimisation folded the map ({refined_folds} voxels with J <= 0, the "
+                  f"network's {network_folds})")
+    elif after > before:
+        reason = (f"the optimisation made the {similarity} dissimilarity worse ({after:.4f}, "
+                  f"the network's {before:.4f})")
+    return InstanceOutcome(refined if reason is None else trainable.base.detach().clone(), state,
+                           similarity, before, after, (network_folds, refined_folds),
+                           "optimised" if reason is None else "network", reason, agreement)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from LiquidRegLib.diffeo import integrate_velocity, resize_field
 from LiquidRegLib.grid import Grid, constant, identity_voxels, to_device
-from .synth import _uniform, gaussian_blur
+from .synth import _randn, gaussian_blur
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,11 @@ class DeformConfig:
     shear_max: float = 0.03
 
 
+def _host_uniform(generator: torch.Generator, low: float, high: float, n: int) -> torch.Tensor:
+    """``n`` host draws (float64), uniform in [low, high)."""
+    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
 def random_velocity(shape, generator, config: DeformConfig, device=None, batch: int = 1,
                     size=None) -> torch.Tensor:
     """Smooth random velocity field (N, 3, *size) in voxel units of a grid of ``shape``.
@@ -38,24 +43,24 @@ def random_velocity(shape, generator, config: DeformConfig, device=None, batch: 
     upsampled to ``size`` (default ``shape``) — the same field, sampled more or less finely.
     """
     coarse = tuple(max(2, int(math.ceil(n / config.control_spacing)) + 1) for n in shape)
-    std = _uniform(generator, 0.0, config.velocity_std_max, batch).float()
-    noise = torch.randn((batch, 3) + coarse, generator=generator, device=generator.device)
-    noise = gaussian_blur(noise.float(), 0.7)  # where it was drawn: no trip through the host
+    device = torch.device("cpu" if device is None else device)
+    std = _host_uniform(generator, 0.0, config.velocity_std_max, batch).float().to(device)
+    noise = gaussian_blur(_randn(generator, (batch, 3) + coarse, device), 0.7)
     # Blurring shrinks the amplitude: rescale so ``std`` is the field's actual spread.
     unit = noise / noise.flatten(1).std(1).clamp_min(1e-8).view(-1, 1, 1, 1, 1)
-    return F.interpolate((unit * std.view(-1, 1, 1, 1, 1)).to(device),
+    return F.interpolate(unit * std.view(-1, 1, 1, 1, 1),
                          size=tuple(size or shape), mode="trilinear", align_corners=True)
 
 
 def random_affine(generator, config: DeformConfig) -> np.ndarray:
     """4x4 RAS matrix about the origin: rotation, scale, shear, translation (det > 0).
 
-    Its twelve numbers are drawn on the generator's device and read back in one copy."""
-    draws = torch.cat([_uniform(generator, -config.rotation_deg, config.rotation_deg, 3),
-                       _uniform(generator, *config.scale_range, 3),
-                       _uniform(generator, -config.shear_max, config.shear_max, 3),
-                       _uniform(generator, -config.translation_mm, config.translation_mm, 3),
-                       ]).double().cpu().numpy()
+    Its twelve numbers are host draws of ``generator``: the matrix is built on the host."""
+    draws = torch.cat([_host_uniform(generator, -config.rotation_deg, config.rotation_deg, 3),
+                       _host_uniform(generator, *config.scale_range, 3),
+                       _host_uniform(generator, -config.shear_max, config.shear_max, 3),
+                       _host_uniform(generator, -config.translation_mm, config.translation_mm, 3),
+                       ]).numpy()
     angles, scales, shears, translation = np.deg2rad(draws[:3]), draws[3:6], draws[6:9], draws[9:]
     cx, cy, cz = np.cos(angles)
     sx, sy, sz = np.sin(angles)

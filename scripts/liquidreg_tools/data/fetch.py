@@ -59,7 +59,7 @@ def write_subject(out: Path, subject: subjects.Subject) -> dict:
 def _write_t1_synth(out: Path, name: str, labels: np.ndarray, grid) -> str:
     """A deterministic T1-like image for a label-only subject (benchmarks need an image)."""
     file = f"{name}_t1synth.nii.gz"
-    volumes.save(out / file, synth.t1_like(labels), grid)
+    volumes.save(out / file, synth.rendering(labels, "t1"), grid)
     return file
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .synth import device_generator
+
 
 @dataclass(frozen=True)
 class ShapeConfig:
@@ -26,17 +28,19 @@ class ShapeConfig:
 def _smooth_noise(shape, channels: int, scale: float, generator, device) -> torch.Tensor:
     """Noise on a control grid every ``scale`` voxels, upsampled smoothly: (1, C, *shape)."""
     coarse = tuple(max(2, int(math.ceil(n / scale)) + 1) for n in shape)
-    noise = torch.randn((1, channels) + coarse, generator=generator, device=generator.device)
-    return F.interpolate(noise.to(device), size=tuple(shape), mode="trilinear", align_corners=True)
+    noise = torch.randn((1, channels) + coarse, generator=device_generator(generator, device),
+                        device=device)
+    return F.interpolate(noise, size=tuple(shape), mode="trilinear", align_corners=True)
 
 
 def random_label_map(shape, generator: torch.Generator, config: ShapeConfig = ShapeConfig(),
                      device=None) -> tuple[torch.Tensor, int]:
-    """(1, 1, I, J, K) int64 labels in 0..n (0 = background outside the outline) and ``n``."""
+    """(1, 1, I, J, K) int64 labels in 0..n (0 = background outside the outline) and ``n``;
+    ``generator`` is a host generator (decisions on the host, noise drawn on ``device``)."""
     device = device or generator.device
     low, high = config.labels
-    n = int(torch.randint(low, high + 1, (1,), generator=generator, device=generator.device))
-    u = float(torch.rand(1, generator=generator, device=generator.device))
+    n = int(torch.randint(low, high + 1, (1,), generator=generator))
+    u = float(torch.rand(1, generator=generator))
     scale = config.blob_scale[0] + u * (config.blob_scale[1] - config.blob_scale[0])
     labels = _smooth_noise(shape, n, scale, generator, device).argmax(1, keepdim=True) + 1
     # Outline: an ellipsoid whose radius is perturbed by smooth noise.
