@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from LiquidRegLib import checkpoint, diffeo, io, register
+from LiquidRegLib import checkpoint, diffeo, io, register, train
 from LiquidRegLib.grid import resample
 from LiquidRegLib.model import LiquidReg
 from conftest import mean_dice
@@ -43,7 +43,9 @@ def test_instance_optimisation_improves_dice_and_stays_diffeomorphic(deformed_br
     assert result.jacobian.min() > 0
     assert result.summary["pct_folding"] == 0.0
     record = result.summary["instance_optimisation"]
-    assert record["steps"] == 30 and record["similarity"] == "mind"
+    assert record["steps"] == 30  # one contrast (the same image deformed): auto takes LNCC
+    assert record["similarity"] == "lncc", record
+    assert record["similarity_choice"]["contrast_agreement"] >= train.SAME_CONTRAST_AGREEMENT
     assert record["kept"] == "optimised" and record["reason"] is None
     assert record["dissimilarity_after"] < record["dissimilarity_before"]
     assert any(e.stage == "instance" for e in events)

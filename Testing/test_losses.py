@@ -131,8 +131,9 @@ def test_contrast_free_similarities_are_computed_in_fp32_under_autocast():
 
 
 def test_auto_similarity_takes_lncc_within_a_contrast_and_mind_across_contrasts():
-    """Accurate mode's automatic choice: the contrast agreement (mean LNCC after the network) is
-    high for two images of one contrast and negative for an inverted one."""
+    """Accurate mode's automatic choice: the contrast agreement (the images' correlation inside
+    the head after the network) is high for two images of one contrast, even when one image's
+    intensities are remapped non-linearly, and negative for an inverted one."""
     from LiquidRegLib import train
 
     fixed = smooth_volume(4)
