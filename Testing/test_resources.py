@@ -57,7 +57,7 @@ def test_new_weights_rule(tmp_path, name, overwrite, expected):
                                          overwrite=overwrite)
 
 
-@pytest.mark.parametrize("where", ["weights/liquidreg_brain_v2.pt", "weights/mine.pt",
+@pytest.mark.parametrize("where", ["weights/liquidreg_brain_v3.pt", "weights/mine.pt",
                                    "sample/new.pt", "mine.pt"])
 def test_nothing_is_ever_written_among_the_shipped_files(where):
     """Whatever the name, and even with overwriting allowed: the shipped folder is off limits."""

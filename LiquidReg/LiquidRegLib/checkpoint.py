@@ -22,7 +22,7 @@ from .resources import default_weights
 FORMAT = "liquidreg"
 FORMAT_VERSION = 1
 MODEL_NAME = "liquidreg_brain"
-MODEL_VERSION = "2"
+MODEL_VERSION = "3"
 
 
 def _write_durably(path, data: bytes, replace: bool = True) -> None:

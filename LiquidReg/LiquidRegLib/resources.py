@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import InputError
 
 #: The shipped weights' file name in ``resources/weights`` (new weights: change this line).
-DEFAULT_WEIGHTS_FILE = "liquidreg_brain_v2.pt"
+DEFAULT_WEIGHTS_FILE = "liquidreg_brain_v3.pt"
 SAMPLE_FILES = {"fixed_t1": "fixed_t1.nii.gz", "fixed_labels": "fixed_labels.nii.gz",
                 "moving_t1": "moving_t1.nii.gz", "moving_labels": "moving_labels.nii.gz"}
 
