@@ -55,7 +55,8 @@ import sys
 import time
 from pathlib import Path
 
-from liquidreg_tools.measure import THREAD_VARIABLES, machine, memory_mb, run_measured, write_report
+from liquidreg_tools.measure import (THREAD_VARIABLES, machine, machine_line, memory_mb,
+                                     run_measured, write_report)
 
 # Heavy modules (torch, ants, itk) are imported inside functions: this file is also the child
 # process of every measured run, which must load only its own method's libraries.
@@ -394,9 +395,7 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     config = report["config"]
     lines = ["# LiquidReg vs ANTs SyN vs elastix: held-out brain pairs", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; torch "
-             f"{m['versions'].get('torch')}; load average at start "
-             f"{', '.join(f'{v:.1f}' for v in m['load_average_at_start'])}.",
+             machine_line(m),
              f"Every method: {config['threads']} threads, fresh subprocess per run; "
              f"LiquidReg Accurate: {config['iterations'] or 'its default'} instance-optimisation "
              "steps; "

@@ -43,8 +43,8 @@ import sys
 import time
 from pathlib import Path
 
-from liquidreg_tools.measure import (THREAD_VARIABLES, machine, memory_mb, run_measured,
-                                     write_report)
+from liquidreg_tools.measure import (THREAD_VARIABLES, machine, machine_line, memory_mb,
+                                     run_measured, write_report)
 
 BRAIN_SHAPE = (193, 229, 193)
 LARGE_SHAPE, LARGE_SPACING = (400, 400, 400), 0.5
@@ -291,9 +291,7 @@ def dispatch_markdown(row: dict) -> list[str]:
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = ["# LiquidReg speed", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; torch "
-             f"{m['versions'].get('torch')}; {report['config']['threads']} threads; load average "
-             f"at start {', '.join(f'{v:.1f}' for v in m['load_average_at_start'])}.", ""]
+             machine_line(m, f"{report['config']['threads']} threads"), ""]
     stage_names = ["load", "affine", "network", "resample"]
     lines += ["## Registration, network only, end to end (`liquidreg register`, incl. file I/O)", "",
               "| input | working grid | wall (s) | peak RSS (MB) | " +

@@ -40,7 +40,8 @@ import sys
 import time
 from pathlib import Path
 
-from liquidreg_tools.measure import THREAD_VARIABLES, machine, run_measured, write_report
+from liquidreg_tools.measure import (THREAD_VARIABLES, machine, machine_line, run_measured,
+                                     write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTING = ROOT / "Testing"
@@ -305,11 +306,8 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     config = report["config"]
     lines = ["# What a click costs", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; torch "
-             f"{m['versions'].get('torch')}; device {config['device']}, {config['threads']} "
-             f"threads; load average at start "
-             f"{', '.join(f'{v:.1f}' for v in m['load_average_at_start'])}.  Input: "
-             f"{config['input']}.", ""]
+             machine_line(m, f"device {config['device']}, {config['threads']} threads")
+             + f"  Input: {config['input']}.", ""]
     panel = report.get("panel")
     if panel:
         lines += ["## The panel's Register through the warm worker", "",

@@ -29,7 +29,7 @@ import torch
 from LiquidRegLib import checkpoint, train
 from liquidreg_tools.data import bundle as B
 from liquidreg_tools.data import validation
-from liquidreg_tools.measure import machine, write_report
+from liquidreg_tools.measure import machine, machine_line, write_report
 
 
 def measure(model, pairs, similarity: str, regularisation: float, steps: int,
@@ -120,9 +120,7 @@ def markdown(report: dict) -> str:
     groups = [k.split("_", 1)[1] for k in report["fast"] if k.startswith("dice_")]
     m = report["machine"]
     lines = ["# Instance optimisation's similarity, measured on the validation pairs", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores; load average at start "
-             f"{', '.join(f'{v:.1f}' for v in m['load_average_at_start'])}.  "
-             f"{report['steps']} steps from the network's answer ({report['weights']['name']} "
+             machine_line(m) + f"  {report['steps']} steps from the network's answer ({report['weights']['name']} "
              f"v{report['weights']['version']}); hard Dice over every shared label; MIND-SSC "
              f"compared on pyramid level {train.INSTANCE_DESCRIPTOR_LEVEL} unless a setting "
              "names its own (similarity:regularisation:level); "

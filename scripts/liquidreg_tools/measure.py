@@ -44,6 +44,14 @@ def machine() -> dict:
             "load_average_at_start": os.getloadavg(), "versions": versions}
 
 
+def machine_line(m: dict, *details: str) -> str:
+    """A report's first line: the machine of :func:`machine`, ``details`` of the run, and how
+    busy the machine was when it started (the figures mean little on a loaded one)."""
+    return "; ".join([f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; torch "
+                      f"{m['versions'].get('torch')}", *details, "load average at start "
+                      + ", ".join(f"{v:.1f}" for v in m["load_average_at_start"])]) + "."
+
+
 def run_measured(command: list[str], env: dict, log_path: Path, timeout: float) -> dict:
     """Run a child to completion; its wall time and peak RSS (from the kernel's rusage)."""
     with open(log_path, "wb") as log:
