@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from LiquidRegLib.diffeo import integrate_velocity, resize_field
 from LiquidRegLib.grid import Grid, constant, identity_voxels, to_device
-from .synth import _randn, gaussian_blur
+from .synth import gaussian_blur
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,9 @@ class DeformConfig:
 
 
 def _host_uniform(generator: torch.Generator, low: float, high: float, n: int) -> torch.Tensor:
-    """``n`` host draws (float64), uniform in [low, high)."""
-    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+    """``n`` host draws, uniform in [low, high) (float32 draws, as the validation pairs were made
+    with: they are a pure function of the seed)."""
+    return (low + (high - low) * torch.rand(n, generator=generator)).double()
 
 
 def random_velocity(shape, generator, config: DeformConfig, device=None, batch: int = 1,
@@ -44,8 +45,10 @@ def random_velocity(shape, generator, config: DeformConfig, device=None, batch: 
     """
     coarse = tuple(max(2, int(math.ceil(n / config.control_spacing)) + 1) for n in shape)
     device = torch.device("cpu" if device is None else device)
-    std = _host_uniform(generator, 0.0, config.velocity_std_max, batch).float().to(device)
-    noise = gaussian_blur(_randn(generator, (batch, 3) + coarse, device), 0.7)
+    std = to_device(_host_uniform(generator, 0.0, config.velocity_std_max, batch).float(), device)
+    # a few thousand host draws (the validation pairs' stream), blurred where they are used
+    noise = gaussian_blur(to_device(torch.randn((batch, 3) + coarse, generator=generator), device),
+                          0.7)
     # Blurring shrinks the amplitude: rescale so ``std`` is the field's actual spread.
     unit = noise / noise.flatten(1).std(1).clamp_min(1e-8).view(-1, 1, 1, 1, 1)
     return F.interpolate(unit * std.view(-1, 1, 1, 1, 1),
