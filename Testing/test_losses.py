@@ -143,3 +143,15 @@ def test_auto_similarity_takes_lncc_within_a_contrast_and_mind_across_contrasts(
     crossed = train.contrast_agreement(fixed, REMAPPINGS["inverted"](moving), still)
     assert same >= train.SAME_CONTRAST_AGREEMENT > crossed, (same, crossed)
     assert crossed < 0
+
+
+def test_tissue_threshold_splits_two_intensity_classes_between_them():
+    """Otsu's threshold (what the contrast agreement keeps of the fixed image) lies between two
+    classes of intensity, whatever their sizes."""
+    from LiquidRegLib import train
+
+    for dark_share in (0.2, 0.5, 0.8):
+        image = torch.full((1, 1, 20, 20, 20), 0.7)
+        image.view(-1)[: int(dark_share * image.numel())] = 0.1
+        image += 0.02 * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))
+        assert 0.2 < train.tissue_threshold(image.clamp(0, 1)) < 0.6, dark_share
