@@ -579,7 +579,8 @@ def tissue_threshold(image: torch.Tensor, bins: int = 256) -> float:
     below, mass_below = counts.cumsum(0), (counts * centres).cumsum(0)
     above, mass_above = counts.sum() - below, mass_below[-1] - mass_below
     between = below * above * (mass_below / below.clamp_min(1) - mass_above / above.clamp_min(1)) ** 2
-    return float(centres[int(between.argmax())])
+    best = between >= between.max() * (1 - 1e-9)  # a gap between classes: its middle
+    return float(centres[best].mean())
 
 
 def contrast_agreement(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.Tensor,
