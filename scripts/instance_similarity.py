@@ -142,7 +142,8 @@ def markdown(report: dict) -> str:
     agreement = {g: [round(p["contrast_agreement"], 3) for p in report["pairs"] if p["group"] == g]
                  for g in groups}
     lines += ["", "Settings are similarity:regularisation[:descriptor level].  Contrast agreement "
-              "(mean LNCC, 7^3, of the fixed image and the network's warped moving image) per "
+              "(`train.contrast_agreement`: the correlation of the fixed image and the "
+              "network's warped moving image over the fixed image's brighter tissue) per "
               "group: " + "; ".join(f"{g} {v}" for g, v in agreement.items()) + "."]
     return "\n".join(lines) + "\n"
 
