@@ -540,10 +540,9 @@ FOREGROUND = 0.02
 class InstanceOutcome:
     """What instance optimisation returns: the velocity to use and what happened.
 
-    ``kept`` is "optimised", or "network" when the optimisation made its own similarity worse,
-    folded the map where the network had not, or (after LNCC) made the structures match worse by
-    MIND-SSC: then ``velocity`` is the network's own and ``reason`` says why, so Accurate never
-    ends below Fast by its own measure, nor by a contrast-free one.
+    ``kept`` is "optimised", or "network" when the optimisation made its own similarity worse
+    or folded the map where the network had not: then ``velocity`` is the network's own and
+    ``reason`` says why, so Accurate never ends below Fast by its own measure.
     """
     velocity: torch.Tensor
     state: RunState
@@ -612,24 +611,6 @@ def _judge(velocity: torch.Tensor, batch: dict, similarity: str, squarings: int)
             int((diffeo.jacobian_determinant(coarse) <= 0).sum()))
 
 
-def _structure_check(network: torch.Tensor, refined: torch.Tensor, batch: dict,
-                     squarings: int) -> Optional[str]:
-    """Why the refined velocity must not be used, judged by MIND-SSC (contrast-free), or None.
-
-    An intensity similarity can improve by its own measure while it pulls structures the wrong
-    way (LNCC on two contrasts that the choice took for one); the structure match cannot."""
-    mind = {"fixed": batch["fixed"], "moving": batch["moving"],
-            "fixed_mask": batch.get("fixed_mask"),
-            "descriptors": tuple(losses.mind_ssc(image) for image in (batch["fixed"],
-                                                                       batch["moving"]))}
-    before, _ = _judge(network, mind, "mind", squarings)
-    after, _ = _judge(refined, mind, "mind", squarings)
-    if after > before:
-        return (f"the optimisation made the structures match worse (MIND-SSC dissimilarity "
-                f"{after:.4f}, the network's {before:.4f})")
-    return None
-
-
 def instance_optimise(velocity: torch.Tensor, pair, iterations: int, *,
                       squarings: int = diffeo.MIN_SQUARINGS, regularisation: float = 1.0,
                       lr: float = INSTANCE_LR, similarity: str = INSTANCE_SIMILARITY,
@@ -638,8 +619,7 @@ def instance_optimise(velocity: torch.Tensor, pair, iterations: int, *,
     """Refine one pair's velocity field for ``iterations`` steps of the stabilised loop;
     ``regularisation`` weighs the diffusion (smoothness) term; ``similarity`` "auto" chooses per
     pair (:data:`SAME_CONTRAST_AGREEMENT`).  The network's answer is kept (and the outcome says
-    why) if the result is less similar, folds more or matches structures worse
-    (:class:`InstanceOutcome`)."""
+    why) if the result is less similar or folds more (:class:`InstanceOutcome`)."""
     agreement = None
     if similarity == "auto":
         agreement = contrast_agreement(pair.fixed, pair.moving, velocity, squarings,
@@ -671,9 +651,6 @@ def instance_optimise(velocity: torch.Tensor, pair, iterations: int, *,
     elif after > before:
         reason = (f"the optimisation made the {similarity} dissimilarity worse ({after:.4f}, "
                   f"the network's {before:.4f})")
-    elif similarity != "mind":
-        with torch.no_grad():
-            reason = _structure_check(trainable.base, refined, batch, squarings)
     return InstanceOutcome(refined if reason is None else trainable.base.detach().clone(), state,
                            similarity, before, after, (network_folds, refined_folds),
                            "optimised" if reason is None else "network", reason, agreement)
