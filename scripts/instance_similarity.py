@@ -88,32 +88,36 @@ def main(argv=None) -> int:
         similarity, regularisation, *level = setting.split(":")
         rows = measure(model, pairs, similarity, float(regularisation), args.steps,
                        *[int(v) for v in level])
-        dice = [r["dice"] for r in rows]
-        report["settings"][setting] = {
-            **validation.summarise(groups, dice),
-            "below_fast": sum(d < f - 1e-9 for d, f in zip(dice, baseline["fast"])),
-            "kept_network": sum(r["kept"] == "network" for r in rows),
-            "wall_s_per_step": float(np.median([r["wall_s_per_step"] for r in rows])),
-            "cpu_s_per_step": float(np.median([r["cpu_s_per_step"] for r in rows])),
-            "rows": rows}
+        report["settings"][setting] = summary(report, rows)
         print(setting, {k: (round(v, 4) if isinstance(v, float) else v)
                         for k, v in report["settings"][setting].items() if k != "rows"}, flush=True)
-    lncc = next((k for k in report["settings"] if k.startswith("lncc:")), None)
-    mind = next((k for k in report["settings"] if k.startswith("mind:")), None)
-    if lncc and mind:  # "auto" runs one of the two per pair: its result is theirs
-        threshold = train.SAME_CONTRAST_AGREEMENT
-        rows = [report["settings"][lncc if a >= threshold else mind]["rows"][n]
-                for n, a in enumerate(agreement)]
-        dice = [r["dice"] for r in rows]
-        report["settings"][f"auto ({lncc} if agreement >= {threshold}, else {mind})"] = {
-            **validation.summarise(groups, dice),
-            "below_fast": sum(d < f - 1e-9 for d, f in zip(dice, baseline["fast"])),
+    add_auto(report, train.SAME_CONTRAST_AGREEMENT)
+    write_report(Path(args.out), "instance_similarity", report, markdown(report))
+    return 0
+
+
+def summary(report: dict, rows: list[dict]) -> dict:
+    """One setting's rows (in ``report["pairs"]`` order) summarised per group, against Fast."""
+    groups = [p["group"] for p in report["pairs"]]
+    dice = [r["dice"] for r in rows]
+    return {**validation.summarise(groups, dice),
+            "below_fast": sum(d < p["fast"] - 1e-9 for d, p in zip(dice, report["pairs"])),
             "kept_network": sum(r["kept"] == "network" for r in rows),
             "wall_s_per_step": float(np.median([r["wall_s_per_step"] for r in rows])),
             "cpu_s_per_step": float(np.median([r["cpu_s_per_step"] for r in rows])),
             "rows": rows}
-    write_report(Path(args.out), "instance_similarity", report, markdown(report))
-    return 0
+
+
+def add_auto(report: dict, threshold: float) -> None:
+    """What ``similarity="auto"`` gives: per pair, the LNCC setting's result where the contrast
+    agreement reaches ``threshold``, else the MIND-SSC one (auto runs exactly one of them)."""
+    settings = report["settings"]
+    lncc = next((k for k in settings if k.startswith("lncc:")), None)
+    mind = next((k for k in settings if k.startswith("mind:")), None)
+    if lncc and mind:
+        rows = [settings[lncc if p["contrast_agreement"] >= threshold else mind]["rows"][n]
+                for n, p in enumerate(report["pairs"])]
+        settings[f"auto ({lncc} if agreement >= {threshold}, else {mind})"] = summary(report, rows)
 
 
 def markdown(report: dict) -> str:

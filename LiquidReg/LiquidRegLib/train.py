@@ -529,9 +529,10 @@ INSTANCE_LNCC_WINDOW = 7
 #: ``similarity="auto"``: LNCC where the pair shares a contrast, recognised by the correlation of
 #: the two images' intensities over the fixed image's brighter tissue after the network
 #: (:func:`contrast_agreement`) reaching this value; MIND-SSC otherwise.  Measured on the
-#: validation pairs: one contrast 0.39-0.75, a T2-like scan onto a T1 -0.29 to -0.13; on the test
-#: suite's real pair a T1 0.78, its T2-like rendering 0.23 (README, "Accurate mode").
-SAME_CONTRAST_AGREEMENT = 0.3
+#: validation pairs: one contrast 0.39-0.75, a T2-like scan onto a T1 -0.29 to -0.13, random
+#: contrasts -0.06 to 0.30 (LNCC lowered the one at 0.30 below Fast); on the test suite's real
+#: pair a T1 0.78, its T2-like rendering 0.23.  The middle of the gap (README, "Accurate mode").
+SAME_CONTRAST_AGREEMENT = 0.35
 #: Image values (normalised to [0, 1]) above which a voxel of the moving image shows anything.
 FOREGROUND = 0.02
 
