@@ -520,9 +520,9 @@ INSTANCE_LR = 0.05
 #: way there).  Chosen by measurement on the validation pairs, same- and cross-contrast
 #: (``scripts/instance_similarity.py``; README, "Accurate mode").
 INSTANCE_SIMILARITY = "auto"
-#: The pyramid level on which its descriptors are compared: 0, the 2 mm working grid.  Level 1
-#: (4 mm, the correction's own resolution) was measured too: lower validation Dice, and hardly
-#: cheaper, since scaling and squaring at 2 mm dominates a step (README, "Accurate mode").
+#: The pyramid level on which its descriptors are compared: 0, the 2 mm working grid, like LNCC
+#: (a step then costs about what an LNCC step does; ``scripts/instance_similarity.py --settings
+#: mind:1:1`` measures level 1, the 4 mm correction's own resolution).
 INSTANCE_DESCRIPTOR_LEVEL = 0
 #: LNCC's window in instance optimisation.
 INSTANCE_LNCC_WINDOW = 7
