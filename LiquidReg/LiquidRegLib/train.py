@@ -592,9 +592,8 @@ def contrast_agreement(fixed: torch.Tensor, moving: torch.Tensor, velocity: torc
     background may count: every contrast shares them (local NCC over the whole image scored a
     T2-like scan 0.41 against a T1, a global correlation with the background 0.64-0.85)."""
     with torch.no_grad():
-        disp = diffeo.resize_field(diffeo.integrate_velocity(velocity.float(), squarings),
-                                   fixed.shape[2:])
-        warped = diffeo.warp(moving, disp)
+        warped = diffeo.warp(moving, diffeo.exp_velocity(velocity.float(), fixed.shape[2:],
+                                                         squarings))
         inside = (fixed > tissue_threshold(fixed)) & (warped > FOREGROUND)
         if mask is not None:
             inside &= mask > 0.5

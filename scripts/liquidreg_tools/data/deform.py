@@ -44,7 +44,6 @@ def random_velocity(shape, generator, config: DeformConfig, device=None, batch: 
     upsampled to ``size`` (default ``shape``) — the same field, sampled more or less finely.
     """
     coarse = tuple(max(2, int(math.ceil(n / config.control_spacing)) + 1) for n in shape)
-    device = torch.device("cpu" if device is None else device)
     std = to_device(_host_uniform(generator, 0.0, config.velocity_std_max, batch).float(), device)
     # a few thousand host draws (the validation pairs' stream), blurred where they are used
     noise = gaussian_blur(to_device(torch.randn((batch, 3) + coarse, generator=generator), device),
